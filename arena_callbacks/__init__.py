@@ -1,0 +1,36 @@
+"""arena-callbacks: watch a finetune for catastrophic forgetting while it runs, and act on it."""
+
+from .budget import BudgetOutcome, Decision, Reason, evaluate_budgets
+from .callback import ForgettingMonitor
+from .config import Action, BudgetConfig, CadenceConfig, LoggingConfig, MonitorConfig, ProbeSettings
+from .exceptions import ArenaError, BudgetKeyError, ProbeDataError
+from .history import read_history
+from .measurements import Snapshot
+from .probes import Probe, ProbeFailure, ProbeResult, ProbeRunner, ProbeSet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Action",
+    "ArenaError",
+    "BudgetConfig",
+    "BudgetKeyError",
+    "BudgetOutcome",
+    "CadenceConfig",
+    "Decision",
+    "ForgettingMonitor",
+    "LoggingConfig",
+    "MonitorConfig",
+    "Probe",
+    "ProbeDataError",
+    "ProbeFailure",
+    "ProbeResult",
+    "ProbeRunner",
+    "ProbeSet",
+    "ProbeSettings",
+    "Reason",
+    "Snapshot",
+    "__version__",
+    "evaluate_budgets",
+    "read_history",
+]

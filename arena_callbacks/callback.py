@@ -1,0 +1,276 @@
+"""The trainer callback. The only module that knows the ``transformers`` trainer API.
+
+Flow at each probe step (DESIGN.md §6): cadence guard → probe runner (all ranks) →
+snapshot → budget evaluation (pure) → decision agreed by all ranks → log / stop.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .budget import Decision, check_limit, evaluate_budgets
+from .config import MonitorConfig
+from .distributed import DistContext, current_context
+from .exceptions import BudgetKeyError, ProbeDataError
+from .history import HISTORY_FILE, History
+from .measurements import TARGET, Snapshot, build_snapshot, expected_keys
+from .probes import ProbeFailure, ProbeResult, ProbeRunner, ProbeSet
+from .tensorboard import ScalarWriter, resolve_tensorboard_dir
+
+__all__ = ["ForgettingMonitor"]
+
+logger = logging.getLogger("arena_callbacks")
+
+SUMMARY_FILE = "summary.json"
+
+
+class ForgettingMonitor(TrainerCallback):
+    """Watches a finetune for forgetting and stops it when a budget is exhausted.
+
+    Args:
+        config: A :class:`MonitorConfig`, a dict, a path to a YAML/JSON file, or ``None``.
+        probes: Capability probes by name: ``datasets.Dataset``, list of dicts, JSONL path, or
+            :class:`~arena_callbacks.Probe`.
+        target: Optional probe of the task being learned (gives ``sp/plasticity``).
+        tokenizer: Tokenizer for the probes; defaults to the trainer's ``processing_class``.
+        **config_fields: Top-level config fields, merged over ``config``.
+
+    Example:
+        >>> monitor = ForgettingMonitor(
+        ...     {"cadence": {"every_n_steps": 20},
+        ...      "budgets": [{"key": "retention/general", "max_drop": 0.1}]},
+        ...     probes={"general": [{"text": "The quick brown fox jumps over the lazy dog."}]},
+        ... )
+        >>> trainer = SFTTrainer(..., callbacks=[monitor])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: MonitorConfig | dict[str, Any] | str | Path | None = None,
+        probes: dict[str, Any] | None = None,
+        target: Any = None,
+        *,
+        tokenizer: Any = None,
+        **config_fields: Any,
+    ) -> None:
+        # User-provided settings, all checked here.
+        self.config = MonitorConfig.coerce(config, **config_fields)
+        probes = dict(probes or {})
+        if TARGET in probes:
+            raise ProbeDataError(f"probes: the name {TARGET!r} is reserved for the target probe; pass it as target=...")
+        sets = {name: ProbeSet.build(name, data, self.config.probe) for name, data in probes.items()}
+        if target is not None:
+            sets[TARGET] = ProbeSet.build(TARGET, target, self.config.probe)
+        if not sets:
+            raise ProbeDataError("probes: give at least one capability probe (probes={...}) or a target probe (target=...)")
+        self.measured_keys = expected_keys(sets, target is not None)
+        for i, budget in enumerate(self.config.budgets):
+            if budget.key not in self.measured_keys:
+                raise BudgetKeyError(
+                    f"budgets[{i}].key: {budget.key!r} is not measured by this monitor; "
+                    f"measured keys: {', '.join(self.measured_keys)}"
+                )
+        self.runner = ProbeRunner(sets, self.config.probe)
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            self.runner.prepare(tokenizer)  # report long rows now, not at train start
+
+        # Internal state.
+        self.history = History()
+        self.baseline_results: dict[str, ProbeResult] | None = None
+        self.last_decision: Decision | None = None
+        self.stop_decision: Decision | None = None
+        self.output_dir: Path | None = None
+        self._ctx = DistContext()
+        self._trainer: Any = None
+        self._writer: ScalarWriter | None = None
+        self._last_probe_step = -1
+
+    # ------------------------------------------------------------------ trainer events
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._ctx = current_context()
+        tokenizer = self.tokenizer if self.tokenizer is not None else kwargs.get("processing_class")
+        if not self.runner.prepared:
+            self.runner.prepare(tokenizer)
+        self._trainer = _find_trainer()
+        self.output_dir = Path(self.config.logging.output_dir or os.path.join(args.output_dir, "arena"))
+        self.history = History(self.output_dir / HISTORY_FILE if self._ctx.is_main else None)
+        self.history.start_file()
+        if self._ctx.is_main and self.config.logging.tensorboard:
+            tb_dir = resolve_tensorboard_dir(self.config.logging.tensorboard_dir, self._trainer, args.output_dir)
+            self._writer = ScalarWriter(tb_dir)
+        if state.global_step > 0:
+            logger.warning(
+                "arena-callbacks: training resumes at step %d; the baseline is measured now, not at step 0",
+                state.global_step,
+            )
+        self._measure_baseline(kwargs["model"], state)
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        every = self.config.cadence.every_n_steps
+        if every is not None and state.global_step % every == 0:
+            self._probe(kwargs["model"], state, control, trigger="step")
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.config.cadence.on_evaluate:
+            self._probe(kwargs["model"], state, control, trigger="evaluate")
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.config.cadence.at_train_end and self._last_probe_step != state.global_step:
+            self._probe(kwargs["model"], state, control, trigger="train_end")
+        self._write_summary()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _measure_baseline(self, model: torch.nn.Module, state: TrainerState) -> None:
+        results, seconds = self._run_probes(model, desc="arena baseline")
+        self.baseline_results = results
+        metrics = self._metrics(results, seconds)
+        snapshot = Snapshot(state.global_step, metrics, state.epoch, trigger="baseline")
+        for budget in self.config.budgets:
+            value = metrics[budget.key]
+            if check_limit(budget, value, value):
+                logger.warning(
+                    "arena-callbacks: budget %r is already exceeded at baseline (%s = %.4g); it will fire at the "
+                    "first probe", budget.label, budget.key, value,
+                )
+        self._record(snapshot, None, state)
+
+    def _run_probes(self, model: torch.nn.Module, desc: str) -> tuple[dict[str, ProbeResult], float]:
+        start = time.perf_counter()
+        results = self.runner.run(model, self._ctx, desc=desc)
+        # Rank 0's wall time, shared so every rank holds the same snapshot.
+        elapsed = time.perf_counter() - start if self._ctx.is_main else 0.0
+        seconds = float(self._ctx.all_reduce_sum(torch.tensor([elapsed]))[0])
+        return results, seconds
+
+    def _metrics(self, results: dict[str, ProbeResult], seconds: float) -> dict[str, float]:
+        assert self.baseline_results is not None
+        metrics = build_snapshot(
+            results,
+            self.baseline_results,
+            self.runner.probes,
+            stability=self.config.stability,
+            plasticity=self.config.plasticity,
+        )
+        metrics["probe/seconds"] = seconds
+        return metrics
+
+    def _probe(self, model: torch.nn.Module, state: TrainerState, control: TrainerControl, trigger: str) -> None:
+        if state.global_step == self._last_probe_step or self.baseline_results is None:
+            return  # one probe per step, whichever events fire
+        self._last_probe_step = state.global_step
+        try:
+            results, seconds = self._run_probes(model, desc=f"arena probes @ {state.global_step}")
+        except ProbeFailure as e:
+            # Training and checkpoints go on; the measurement of this step is lost.
+            logger.warning("arena-callbacks: skipping the probe at step %d: %s", state.global_step, e)
+            return
+        snapshot = Snapshot(state.global_step, self._metrics(results, seconds), state.epoch, trigger=trigger)
+        decision = evaluate_budgets(self.config.budgets, snapshot, self.history.snapshots)
+        # Decisions are computed from all-reduced numbers, so they agree; still, stop every
+        # rank if any rank says stop (a diverged rank must never keep others training).
+        stop = self._ctx.any(decision.should_stop)
+        self.last_decision = decision
+        self._record(snapshot, decision, state)
+        if stop:
+            control.should_training_stop = True
+            if self.stop_decision is None:
+                self.stop_decision = decision
+
+    def _record(self, snapshot: Snapshot, decision: Decision | None, state: TrainerState) -> None:
+        self.history.append(snapshot, decision)
+        if self._writer is not None:
+            self._writer.scalars(snapshot.metrics, snapshot.step)
+        for outcome in decision.fired if decision else ():
+            if self._ctx.is_main:
+                logger.warning("arena-callbacks: %s", outcome.message)
+            if self._writer is not None:
+                self._writer.text("arena/decisions", outcome.message, snapshot.step)
+        if self._writer is not None:
+            self._writer.flush()
+        self._log_to_trainer(snapshot.metrics, state)
+
+    def _log_to_trainer(self, metrics: dict[str, float], state: TrainerState) -> None:
+        """Send the scalars through ``Trainer.log`` (every ``report_to`` backend, ``log_history``).
+
+        ``Trainer.log`` itself, not a subclass override (TRL's would fold its pending training
+        metrics into ours). Its TensorBoard callback is skipped for this call when the monitor
+        writes TensorBoard itself, so curves are not drawn twice.
+        """
+        if not self.config.logging.log_to_trainer:
+            return
+        trainer = self._trainer
+        if trainer is None:
+            state.log_history.append({**metrics, "step": state.global_step})
+            return
+        from transformers import Trainer
+
+        handler = trainer.callback_handler
+        saved = handler.callbacks
+        if self.config.logging.tensorboard:
+            handler.callbacks = [cb for cb in saved if type(cb).__name__ != "TensorBoardCallback"]
+        try:
+            Trainer.log(trainer, dict(metrics))
+        finally:
+            handler.callbacks = saved
+
+    def _write_summary(self) -> None:
+        if not self._ctx.is_main or self.output_dir is None or not self.history.snapshots:
+            return
+        first, last = self.history.snapshots[0], self.history.snapshots[-1]
+        summary = {
+            "stopped": self.stop_decision is not None,
+            "stop_step": self.stop_decision.step if self.stop_decision else None,
+            "stop_message": self.stop_decision.message if self.stop_decision else None,
+            "probes": {n: p.kind for n, p in self.runner.probes.items()},
+            "baseline": first.to_json()["metrics"],
+            "final_step": last.step,
+            "final": last.to_json()["metrics"],
+            "config": self.config.model_dump(mode="json"),
+        }
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
+        except (OSError, ValueError) as e:
+            logger.warning("arena-callbacks: could not write %s (%s)", self.output_dir / SUMMARY_FILE, e)
+
+
+def _find_trainer() -> Any:
+    """The ``transformers.Trainer`` whose loop is calling us (callbacks get no reference to it)."""
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(16):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+        return None
+    finally:
+        del frame
+

@@ -1,0 +1,265 @@
+"""Configuration of the forgetting monitor.
+
+Everything a user sets lives here as frozen pydantic models with unknown fields forbidden.
+Live objects (datasets, tokenizers, models) are passed to the monitor beside the config,
+never inside it.
+
+Example:
+    >>> cfg = MonitorConfig(
+    ...     cadence={"every_n_steps": 20},
+    ...     budgets=[{"key": "retention/general", "max_drop": 0.1, "patience": 2}],
+    ... )
+    >>> cfg.cadence.every_n_steps
+    20
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "Action",
+    "BudgetConfig",
+    "CadenceConfig",
+    "LoggingConfig",
+    "MonitorConfig",
+    "ProbeSettings",
+]
+
+_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-{},|*]+)+$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class Action(str, Enum):
+    """What happens when a budget is exhausted."""
+
+    LOG = "log"
+    STOP = "stop"
+    REWIND = "rewind"
+
+    @property
+    def severity(self) -> int:
+        return {Action.LOG: 0, Action.STOP: 1, Action.REWIND: 2}[self]
+
+
+#: Actions this version can carry out. ``rewind`` is part of the vocabulary (so configs
+#: written for it parse and are refused with a clear message) but is not implemented yet.
+IMPLEMENTED_ACTIONS = frozenset({Action.LOG, Action.STOP})
+
+
+class CadenceConfig(_Frozen):
+    """When probes run.
+
+    Attributes:
+        every_n_steps: Probe after every N optimizer steps (``None`` for never).
+        on_evaluate: Probe each time the trainer evaluates.
+        at_train_end: Probe once more at the end of training if the last step was not probed.
+    """
+
+    every_n_steps: int | None = Field(default=50, ge=1)
+    on_evaluate: bool = False
+    at_train_end: bool = True
+
+    @model_validator(mode="after")
+    def _some_cadence(self) -> CadenceConfig:
+        if self.every_n_steps is None and not self.on_evaluate:
+            raise ValueError(
+                "cadence: every_n_steps is None and on_evaluate is False, so probes would never run; "
+                "set every_n_steps to a positive integer or on_evaluate to true"
+            )
+        return self
+
+
+class ProbeSettings(_Frozen):
+    """How probes are tokenised and run.
+
+    Attributes:
+        batch_size: Sequences per forward pass (per rank).
+        max_length: Longest tokenised sequence allowed; longer rows are an error unless
+            ``truncate`` is set.
+        max_examples: Rows used per probe (a seeded sample when the set is larger);
+            ``None`` uses every row.
+        precision: ``fp32`` runs with autocast off, ``bf16``/``fp16`` under autocast in that
+            dtype, ``auto`` in the model's own parameter dtype with autocast off. Never the
+            trainer's ambient autocast.
+        truncate: Cut long rows from the left (text: from the right) instead of failing.
+        seed: Seed of the row sample.
+        progress_bar: Show a progress bar: ``True``, ``False``, or ``None`` for "when a pass
+            has more than ``progress_min_batches`` batches".
+        progress_min_batches: Threshold for the automatic progress bar.
+    """
+
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=256, ge=2)
+    max_examples: int | None = Field(default=64, ge=1)
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    truncate: bool = False
+    seed: int = 0
+    progress_bar: bool | None = None
+    progress_min_batches: int = Field(default=20, ge=1)
+
+
+class BudgetConfig(_Frozen):
+    """A limit on one measured quantity.
+
+    Exactly one limit is set:
+
+    * ``max_drop``: ``baseline - value <= max_drop`` (absolute drop from the step-0 value),
+    * ``max_relative_drop``: ``(baseline - value) / |baseline| <= max_relative_drop``,
+    * ``max_rise``: ``value - baseline <= max_rise`` (for quantities where lower is better, e.g. NLL),
+    * ``min_value``: ``value >= min_value`` (a floor),
+    * ``max_value``: ``value <= max_value`` (a ceiling).
+
+    Attributes:
+        key: The snapshot key the budget watches, e.g. ``retention/facts`` or ``sp/stability``.
+        name: Label used in messages (defaults to the key).
+        patience: Consecutive probe steps in breach before the action fires.
+        min_step: Breaches before this global step are ignored.
+        action: ``log``, ``stop`` (or ``rewind`` once it exists).
+    """
+
+    key: str
+    name: str | None = None
+    max_drop: float | None = Field(default=None, ge=0)
+    max_relative_drop: float | None = Field(default=None, ge=0)
+    max_rise: float | None = Field(default=None, ge=0)
+    min_value: float | None = None
+    max_value: float | None = None
+    patience: int = Field(default=1, ge=1)
+    min_step: int = Field(default=0, ge=0)
+    action: Action = Action.STOP
+
+    @model_validator(mode="after")
+    def _check(self) -> BudgetConfig:
+        if not _KEY_PATTERN.match(self.key):
+            raise ValueError(
+                f"key: {self.key!r} is not a namespaced metric key; expected something like "
+                "'retention/<probe>', 'delta_nll/<probe>' or 'sp/stability'"
+            )
+        limits = {k: getattr(self, k) for k in _LIMIT_FIELDS if getattr(self, k) is not None}
+        if len(limits) != 1:
+            found = ", ".join(f"{k}={v}" for k, v in limits.items()) or "none"
+            raise ValueError(
+                f"budget for {self.key!r}: set exactly one of {', '.join(_LIMIT_FIELDS)} (found: {found})"
+            )
+        if self.action not in IMPLEMENTED_ACTIONS:
+            raise ValueError(
+                f"action: {self.action.value!r} is not available in this version; "
+                f"use one of {sorted(a.value for a in IMPLEMENTED_ACTIONS)}"
+            )
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or self.key
+
+    @property
+    def limit(self) -> tuple[str, float]:
+        """The one limit set, as ``(field name, value)``."""
+        for k in _LIMIT_FIELDS:
+            v = getattr(self, k)
+            if v is not None:
+                return k, float(v)
+        raise AssertionError("validated budgets always have one limit")  # pragma: no cover
+
+
+_LIMIT_FIELDS = ("max_drop", "max_relative_drop", "max_rise", "min_value", "max_value")
+
+
+class LoggingConfig(_Frozen):
+    """Where results go.
+
+    Attributes:
+        output_dir: Folder for ``history.jsonl`` and the monitor's files; default
+            ``<trainer output_dir>/arena``.
+        tensorboard: Write scalars with the monitor's own writer (rank 0 only).
+        tensorboard_dir: Folder for those events; default the trainer's TensorBoard folder
+            (the one its TensorBoard callback uses, else ``$TENSORBOARD_LOGGING_DIR``, else
+            ``<output_dir>/runs/arena``).
+        log_to_trainer: Also pass the scalars through ``Trainer.log`` so every ``report_to``
+            backend and ``state.log_history`` receive them.
+    """
+
+    output_dir: str | None = None
+    tensorboard: bool = True
+    tensorboard_dir: str | None = None
+    log_to_trainer: bool = True
+
+
+class MonitorConfig(_Frozen):
+    """Complete configuration of a :class:`~arena_callbacks.ForgettingMonitor`.
+
+    Attributes:
+        cadence: When probes run.
+        probe: How probes are tokenised and run.
+        stability: How per-capability retentions aggregate into ``sp/stability``.
+        plasticity: ``difference`` (``T(t) - T(0)``) or ``ratio`` (``T(t) / T(0)``).
+        budgets: Limits and the actions they trigger.
+        logging: Output locations.
+
+    Example:
+        >>> MonitorConfig.from_dict({"cadence": {"every_n_steps": 10}}).cadence.every_n_steps
+        10
+    """
+
+    cadence: CadenceConfig = CadenceConfig()
+    probe: ProbeSettings = ProbeSettings()
+    stability: Literal["mean", "min"] = "mean"
+    plasticity: Literal["difference", "ratio"] = "difference"
+    budgets: tuple[BudgetConfig, ...] = ()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _unique_budget_labels(self) -> MonitorConfig:
+        labels = [b.label for b in self.budgets]
+        dupes = sorted({x for x in labels if labels.count(x) > 1})
+        if dupes:
+            raise ValueError(f"budgets: labels must be unique, repeated: {dupes}; give each a distinct 'name'")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MonitorConfig:
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> MonitorConfig:
+        """Load from a ``.yaml``/``.yml`` or ``.json`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"monitor config file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"monitor config file {path}: unknown suffix {path.suffix!r}; use .yaml, .yml or .json")
+        if not isinstance(data, dict):
+            raise ValueError(f"monitor config file {path}: top level must be a mapping, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    @classmethod
+    def coerce(cls, value: MonitorConfig | dict[str, Any] | str | Path | None, **overrides: Any) -> MonitorConfig:
+        """Accept a config, a dict, a file path or ``None`` plus keyword fields."""
+        if value is None:
+            return cls.model_validate(overrides)
+        if isinstance(value, (str, Path)):
+            value = cls.from_file(value)
+        if isinstance(value, MonitorConfig):
+            return value if not overrides else cls.model_validate({**value.model_dump(), **overrides})
+        if isinstance(value, dict):
+            return cls.model_validate({**value, **overrides})
+        raise TypeError(
+            f"config: expected MonitorConfig, dict, or a path to a YAML/JSON file, got {type(value).__name__}"
+        )

@@ -1,0 +1,1 @@
+"""Adapters for other tools (TRL, accelerate, lm-eval) over the same core."""

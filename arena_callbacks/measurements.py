@@ -1,0 +1,139 @@
+"""From probe results to a snapshot of namespaced metrics (DESIGN.md §2).
+
+Keys for each capability probe ``p``:
+
+* ``nll/p``: mean token NLL; ``delta_nll/p``: its rise since the baseline;
+  ``retention_nll/p``: ``exp(-delta_nll/p)``.
+* scored kinds also ``score/p`` (accuracy or exact match) and ``retention_score/p``
+  (``score / baseline score``, when the baseline score is positive).
+* ``retention/p``: the probe's chosen signal (``retention_score`` or ``retention_nll``).
+
+Stability-plasticity: ``sp/stability`` (mean or min of ``retention/*``) and, with a target probe,
+``target/nll``, ``target/delta_nll``, ``target/score`` and ``sp/plasticity``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .probes import ProbeResult, ProbeSet
+
+__all__ = ["TARGET", "Snapshot", "build_snapshot", "expected_keys"]
+
+#: Name under which the target probe is registered.
+TARGET = "target"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All metrics measured at one probe step."""
+
+    step: int
+    metrics: dict[str, float]
+    epoch: float | None = None
+    trigger: str = "step"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "trigger": self.trigger,
+            "metrics": {k: _json_float(v) for k, v in self.metrics.items()},
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Snapshot:
+        known = {"step", "epoch", "trigger", "metrics"}
+        return cls(
+            step=int(data["step"]),
+            metrics={k: float(v) if v is not None else math.nan for k, v in data["metrics"].items()},
+            epoch=data.get("epoch"),
+            trigger=data.get("trigger", "step"),
+            extra={k: v for k, v in data.items() if k not in known},
+        )
+
+
+def _json_float(v: float) -> float | str:
+    # JSON has no NaN/inf; keep them readable and round-trippable.
+    return v if math.isfinite(v) else str(v)
+
+
+def _target_value(r: ProbeResult) -> float:
+    """What 'higher is better' means for a target: score if scored, else -NLL."""
+    return r.score if r.score is not None else -r.nll
+
+
+def expected_keys(probes: Mapping[str, ProbeSet], has_target: bool) -> list[str]:
+    """Every key a snapshot will hold for these probes (checked against budgets up front)."""
+    keys = ["probe/seconds"]
+    capabilities = [p for n, p in probes.items() if n != TARGET]
+    for p in capabilities:
+        keys += [f"nll/{p.name}", f"delta_nll/{p.name}", f"retention_nll/{p.name}", f"retention/{p.name}"]
+        if p.scored:
+            keys += [f"score/{p.name}", f"retention_score/{p.name}"]
+    if capabilities:
+        keys.append("sp/stability")
+    if has_target:
+        keys += ["target/nll", "target/delta_nll", "sp/plasticity"]
+        if probes[TARGET].scored:
+            keys.append("target/score")
+    return sorted(keys)
+
+
+def build_snapshot(
+    results: Mapping[str, ProbeResult],
+    baseline: Mapping[str, ProbeResult],
+    probes: Mapping[str, ProbeSet],
+    *,
+    stability: str = "mean",
+    plasticity: str = "difference",
+) -> dict[str, float]:
+    """Metrics of one probe step relative to the baseline results (pure).
+
+    At the baseline itself (``results is baseline``) retentions are 1 and deltas 0.
+    """
+    m: dict[str, float] = {}
+    retentions: list[float] = []
+    for name, r in results.items():
+        if name == TARGET:
+            continue
+        b = baseline[name]
+        d = r.nll - b.nll
+        m[f"nll/{name}"] = r.nll
+        m[f"delta_nll/{name}"] = d
+        m[f"retention_nll/{name}"] = math.exp(-d) if math.isfinite(d) else math.nan
+        ret = m[f"retention_nll/{name}"]
+        if r.score is not None:
+            m[f"score/{name}"] = r.score
+            if b.score is not None and b.score > 0:
+                m[f"retention_score/{name}"] = r.score / b.score
+                if probes[name].signal == "score":
+                    ret = m[f"retention_score/{name}"]
+            else:
+                # Undefined ratio: fall back to NLL retention rather than invent a number.
+                m[f"retention_score/{name}"] = math.nan
+        m[f"retention/{name}"] = ret
+        retentions.append(ret)
+    if retentions:
+        agg = min if stability == "min" else (lambda xs: sum(xs) / len(xs))
+        m["sp/stability"] = agg(retentions)
+    if TARGET in results:
+        r, b = results[TARGET], baseline[TARGET]
+        m["target/nll"] = r.nll
+        m["target/delta_nll"] = r.nll - b.nll
+        if r.score is not None:
+            m["target/score"] = r.score
+        t, t0 = _target_value(r), _target_value(b)
+        if plasticity == "ratio":
+            if r.score is None:
+                m["sp/plasticity"] = math.exp(t - t0)  # exp(-ΔNLL): the text form of a ratio
+            else:
+                m["sp/plasticity"] = t / t0 if t0 > 0 else math.nan
+        else:
+            m["sp/plasticity"] = t - t0
+    return m
