@@ -114,8 +114,9 @@ def _infer_kind(rows: list[dict[str, Any]], name: str) -> str:
 
 
 def _first_field(row: dict[str, Any], names: Sequence[str]) -> tuple[str | None, Any]:
+    # None counts as absent: a datasets.Dataset fills columns a row lacks with None.
     for n in names:
-        if n in row:
+        if row.get(n) is not None:
             return n, row[n]
     return None, None
 
@@ -159,21 +160,25 @@ class ProbeSet:
         return self.kind != "text"
 
 
+def _present(row: dict[str, Any]) -> list[str]:
+    return sorted(k for k, v in row.items() if v is not None)
+
+
 def _validate_row(name: str, kind: str, i: int, row: dict[str, Any]) -> None:
     def fail(msg: str) -> None:
         raise ProbeDataError(f"probe {name!r} ({kind}), row {i}: {msg}")
 
     def need_text(field_name: str | None, value: Any, what: str) -> None:
         if field_name is None:
-            fail(f"missing field {what}; fields present: {sorted(row)}")
+            fail(f"missing field {what}; fields present: {_present(row)}")
         if not isinstance(value, str) or not value.strip():
             fail(f"field {field_name!r} must be a non-empty string, got {value!r:.60}")
 
     if kind == "text":
-        need_text("text" if "text" in row else None, row.get("text"), "'text'")
+        need_text(*_first_field(row, ["text"]), "'text'")
     elif kind == "completion":
-        need_text("prompt" if "prompt" in row else None, row.get("prompt"), "'prompt'")
-        need_text("completion" if "completion" in row else None, row.get("completion"), "'completion'")
+        need_text(*_first_field(row, ["prompt"]), "'prompt'")
+        need_text(*_first_field(row, ["completion"]), "'completion'")
     else:
         f_ctx, ctx = _first_field(row, _CONTEXT_FIELDS)
         need_text(f_ctx, ctx, "'context' (or 'question')")
@@ -185,7 +190,7 @@ def _validate_row(name: str, kind: str, i: int, row: dict[str, Any]) -> None:
                 fail(f"choices[{j}] must be a non-empty string, got {c!r:.60}")
         f_ans, ans = _first_field(row, _ANSWER_FIELDS)
         if f_ans is None:
-            fail(f"missing field 'answer' (or 'label'), the index of the correct choice; fields present: {sorted(row)}")
+            fail(f"missing field 'answer' (or 'label'), the index of the correct choice; fields present: {_present(row)}")
         if isinstance(ans, bool) or not isinstance(ans, int):
             fail(f"field {f_ans!r} must be an integer index into 'choices', got {ans!r}")
         if not 0 <= ans < len(choices):
@@ -389,7 +394,7 @@ class ProbeRunner:
         )
         model.eval()
         try:
-            with torch.no_grad(), _precision(device, self.settings.precision, model):
+            with torch.no_grad(), _without_mixed_precision_wrapper(model), _precision(device, self.settings.precision):
                 flags = (_accepts(model, "position_ids"), _accepts(model, "logits_to_keep"))
                 for batch in _progress(batches, show_bar, desc):
                     out = _score_batch(model, batch.seqs, device, self._pad_id, *flags)
@@ -516,7 +521,28 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _precision(device: torch.device, precision: str, model: torch.nn.Module) -> contextlib.AbstractContextManager[Any]:
+@contextlib.contextmanager
+def _without_mixed_precision_wrapper(model: torch.nn.Module) -> Iterator[None]:
+    """Undo accelerate's autocast wrapper around ``model.forward`` for the probe pass.
+
+    With ``bf16=True``/``fp16=True`` (TRL's default), accelerate replaces ``model.forward`` by
+    an autocast-wrapped version and keeps the original as ``_original_forward``; an outer
+    ``autocast(enabled=False)`` cannot switch that off. Swapping the attribute (not calling the
+    original directly) keeps every module hook, which sharded models rely on.
+    """
+    original = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward")
+    if original is None or wrapped is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
+def _precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     """Autocast as configured; ``fp32``/``auto`` switch off any ambient (trainer) autocast."""
     device_type = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
     if precision in _DTYPES:

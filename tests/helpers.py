@@ -59,3 +59,45 @@ def make_model(seed: int = 0, vocab_size: int | None = None, kind: str = "llama"
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+TARGET_TEXT = "one two three four five six seven eight nine ten."
+
+
+def pretrain(model, tokenizer, steps: int = 120, lr: float = 1e-2, seed: int = 0):
+    """A few quick steps of language modelling on the general corpus, so there is something to forget."""
+    torch.manual_seed(seed)
+    texts = corpus(512, seed=seed + 100)
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(texts), (32,), generator=g)
+        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@lru_cache(maxsize=4)
+def _pretrained_state(kind: str, seed: int):
+    tok = make_tokenizer()
+    model = pretrain(make_model(seed=seed, vocab_size=len(tok), kind=kind), tok, seed=seed)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def pretrained_model(kind: str = "llama", seed: int = 0):
+    """A fresh copy of a (cached) briefly pretrained tiny model."""
+    model = make_model(seed=seed, kind=kind)
+    model.load_state_dict(_pretrained_state(kind, seed))
+    return model
+
+
+def target_dataset(tokenizer, n: int = 64):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"text": TARGET_TEXT}] * n)
