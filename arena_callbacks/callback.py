@@ -64,6 +64,10 @@ class ForgettingMonitor(TrainerCallback):
     ) -> None:
         # User-provided settings, all checked here.
         self.config = MonitorConfig.coerce(config, **config_fields)
+        if probes is not None and not isinstance(probes, dict):
+            raise TypeError(
+                f"probes: expected a dict of name -> probe data (e.g. {{'general': dataset}}), got {type(probes).__name__}"
+            )
         probes = dict(probes or {})
         if TARGET in probes:
             raise ProbeDataError(f"probes: the name {TARGET!r} is reserved for the target probe; pass it as target=...")
@@ -107,7 +111,8 @@ class ForgettingMonitor(TrainerCallback):
         self._trainer = _find_trainer()
         self.output_dir = Path(self.config.logging.output_dir or os.path.join(args.output_dir, "arena"))
         self.history = History(self.output_dir / HISTORY_FILE if self._ctx.is_main else None)
-        self.history.start_file()
+        # A resumed run appends to the file it had, never wipes it.
+        self.history.start_file(fresh=state.global_step == 0)
         if self._ctx.is_main and self.config.logging.tensorboard:
             tb_dir = resolve_tensorboard_dir(self.config.logging.tensorboard_dir, self._trainer, args.output_dir)
             self._writer = ScalarWriter(tb_dir)

@@ -40,13 +40,14 @@ class History:
     def baseline(self) -> Snapshot | None:
         return self.snapshots[0] if self.snapshots else None
 
-    def start_file(self) -> None:
-        """Create the output folder and start a fresh file."""
+    def start_file(self, fresh: bool = True) -> None:
+        """Create the output folder; start an empty file, or keep an existing one (``fresh=False``)."""
         if self.path is None:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("", encoding="utf-8")
+            if fresh or not self.path.exists():
+                self.path.write_text("", encoding="utf-8")
         except OSError as e:
             self._report(e)
 

@@ -87,3 +87,16 @@ def test_history_write_failure_keeps_memory(tmp_path, caplog):
     h.append(Snapshot(0, {"a/b": 1.0}), None)
     assert len(h) == 1
     assert "could not write" in caplog.text
+
+
+def test_history_file_kept_when_not_fresh(tmp_path):
+    path = tmp_path / "history.jsonl"
+    h = History(path)
+    h.start_file()
+    h.append(Snapshot(0, {"a/b": 1.0}), None)
+    resumed = History(path)
+    resumed.start_file(fresh=False)
+    resumed.append(Snapshot(10, {"a/b": 0.5}), None)
+    assert [s.step for s in read_history(path)] == [0, 10]
+    History(path).start_file(fresh=True)
+    assert read_history(path) == []
