@@ -201,8 +201,10 @@ class ForgettingMonitor(TrainerCallback):
         self._record(snapshot, decision, state)
         if stop:
             control.should_training_stop = True
-            if self.stop_decision is None:
+            if self.stop_decision is None and decision.should_stop:
                 self.stop_decision = decision
+            elif self.stop_decision is None:  # cannot happen with all-reduced inputs; say so if it does
+                logger.warning("arena-callbacks: another rank decided to stop at step %d; stopping too", state.global_step)
 
     def _record(self, snapshot: Snapshot, decision: Decision | None, state: TrainerState) -> None:
         self.history.append(snapshot, decision)

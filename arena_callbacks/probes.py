@@ -367,7 +367,11 @@ class ProbeRunner:
     ) -> dict[str, ProbeResult]:
         """Score every probe on ``model``: eval mode, ``no_grad``, configured precision.
 
-        All ranks must call this together. The model's train/eval mode is restored.
+        All ranks must call this together. The model's train/eval mode is restored. A failure on
+        any rank raises :class:`ProbeFailure` on every rank; the ranks agree before each forward,
+        so a failure outside the forward never leaves a sharded model's ranks waiting. A fault
+        *inside* a sharded forward, between its own collectives, is beyond reach: only the
+        process-group timeout ends it.
         """
         if not self.prepared:
             raise RuntimeError("ProbeRunner.run called before prepare(tokenizer)")
@@ -397,15 +401,22 @@ class ProbeRunner:
             with torch.no_grad(), _without_mixed_precision_wrapper(model), _precision(device, self.settings.precision):
                 flags = (_accepts(model, "position_ids"), _accepts(model, "logits_to_keep"))
                 for batch in _progress(batches, show_bar, desc):
-                    out = _score_batch(model, batch.seqs, device, self._pad_id, *flags)
+                    # Agree before each forward: a rank that failed (say, out of memory in the
+                    # log-softmax after its forward) must not leave a sharded model's other
+                    # ranks waiting inside the next forward's collectives.
+                    if ctx.any(error is not None):
+                        break
+                    try:
+                        out = _score_batch(model, batch.seqs, device, self._pad_id, *flags)
+                    except Exception as e:  # out of memory, a broken forward...: reported on every rank
+                        error = e
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
+                        continue
                     if batch.dummy:
                         continue
                     for s, o in zip(batch.seqs, out):
                         per_seq[(batch.probe, s.example, s.choice)] = o
-        except Exception as e:  # out of memory, a broken forward...: reported on every rank below
-            error = e
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
         finally:
             model.train(was_training)
 

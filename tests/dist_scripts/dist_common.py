@@ -1,0 +1,106 @@
+"""Probe data, settings and small utilities shared by the multi-process scripts and their test.
+
+Imported both by ``tests/test_distributed.py`` (single-process reference) and by the worker
+scripts in this folder (one copy per rank), so every side probes exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+TESTS = HERE.parent
+if str(TESTS) not in sys.path:  # for ``helpers`` when a script runs on its own
+    sys.path.insert(0, str(TESTS))
+
+from helpers import corpus  # noqa: E402
+
+# Odd row counts everywhere: with two ranks (row i on rank i % 2) every split is uneven.
+TEXT = [{"text": s} for s in corpus(5, seed=11)]
+MC = [
+    {"context": "the cat", "choices": [" runs.", " sings into the river.", " is"], "answer": 0},
+    {"question": "one two three", "choices": [" four", " five six"], "label": 1},
+    {"context": "red blue", "choices": [" green", " dog"], "answer": 0},
+]
+COMP = [
+    {"prompt": "one two three", "completion": " four five"},
+    {"prompt": "the dog", "completion": " jumps."},
+    {"prompt": "seven eight", "completion": " nine ten."},
+]
+# batch_size 2: rank 0 holds 3 text / 5 multiple-choice / 2 completion sequences (2+3+1 = 6
+# batches), rank 1 holds 2 / 2 / 1 (1+1+1 = 3 batches), so rank 1 runs 3 filler batches.
+PROBE_SETTINGS = {"batch_size": 2, "max_length": 64}
+
+# A budget on the perturbed model (see perturb) that breaches, one that stays within budget and
+# one in breach with patience left.
+BUDGETS = [
+    {"key": "retention/general", "max_drop": 0.1},
+    {"key": "delta_nll/facts", "max_rise": 1000.0, "name": "loose"},
+    {"key": "sp/stability", "max_drop": 0.01, "patience": 3, "name": "patient"},
+]
+
+# ---- end-to-end training run (train_ddp.py) ----
+TRAIN_GENERAL = [{"text": s} for s in corpus(15, seed=7)]
+TRAIN_FACTS = [
+    {"context": "red blue", "choices": [" green", " dog."], "answer": 0},
+    {"context": "one two", "choices": [" three", " fish"], "answer": 0},
+    {"context": "the cat", "choices": [" runs.", " nine"], "answer": 0},
+]
+TRAIN_TARGET = [{"prompt": "one two three", "completion": " four five six"}]
+TRAIN_MONITOR = {
+    "cadence": {"every_n_steps": 2},
+    "probe": {"batch_size": 4, "max_length": 64},
+    "budgets": [{"key": "retention/general", "max_drop": 0.2, "patience": 2}],
+}
+
+
+def build_runner(tokenizer: Any, probes: dict[str, Any] | None = None, settings: dict[str, Any] | None = None):
+    from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
+
+    cfg = ProbeSettings(**(settings or PROBE_SETTINGS))
+    probes = probes or {"general": TEXT, "facts": MC, "answers": COMP}
+    runner = ProbeRunner({n: ProbeSet.build(n, d, cfg) for n, d in probes.items()}, cfg)
+    runner.prepare(tokenizer)
+    return runner
+
+
+def perturb(model: Any, seed: int = 1234, scale: float = 1.0) -> None:
+    """Deterministic damage to the output head (identical on every rank): the NLL rises sharply."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = model.get_output_embeddings().weight
+        w.add_(torch.randn(w.shape, generator=g) * scale)
+
+
+def results_json(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from dataclasses import asdict
+
+    return {name: asdict(r) for name, r in results.items()}
+
+
+def real_sequences(kwargs: dict[str, Any]) -> list[list[int]]:
+    """The unpadded token ids of each row of a forward's batch."""
+    ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def dump(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return str(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(clean(data), indent=1), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,364 @@
+"""Two real CPU processes (gloo): every rank takes part in the probe forwards (rows split across
+ranks, sums all-reduced), every rank gets the same results and decisions, only rank 0 writes.
+
+The ranks run as subprocesses (scripts in ``tests/dist_scripts``); each writes what it saw to a
+JSON file and this module compares the ranks with each other and with a single-process run.
+A hang fails the test (process-group timeout 60 s, subprocess timeout below) instead of
+blocking it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parent / "dist_scripts"
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(SCRIPTS))
+
+import dist_common as C  # noqa: E402,N812
+
+from arena_callbacks import Snapshot, evaluate_budgets  # noqa: E402
+from arena_callbacks.config import BudgetConfig, MonitorConfig  # noqa: E402
+from arena_callbacks.distributed import DistContext  # noqa: E402
+from arena_callbacks.measurements import TARGET, build_snapshot  # noqa: E402
+from helpers import make_model, make_tokenizer  # noqa: E402
+
+WORKER_TIMEOUT_S = 120  # subprocess wall limit; the ranks' own process-group timeout is 60 s
+TRAIN_MAX_STEPS = 30
+TRAIN_LR = 3e-3
+
+
+# --------------------------------------------------------------------------------------
+# Launching
+# --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TENSORBOARD_LOGGING_DIR", None)  # the monitor's TensorBoard folder must be the default one
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
+    )
+    env.update(extra)
+    return env
+
+
+def _run_all(commands: list[tuple[list[str], dict[str, str]]], logs: list[Path], timeout: float) -> float:
+    """Start the commands together, each in its own session; fail (never block) past ``timeout``."""
+    procs = []
+    start = time.monotonic()
+    for (cmd, env), log in zip(commands, logs):
+        with open(log, "wb") as f:
+            procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    hung = False
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            hung = True
+            break
+    if hung:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # the group of a process this test started
+                p.wait()
+    tails = "\n".join(f"--- {log.name} ---\n{log.read_text(errors='replace')[-4000:]}" for log in logs)
+    assert not hung, f"processes still running after {timeout} s (a rank hangs):\n{tails}"
+    codes = [p.returncode for p in procs]
+    assert codes == [0] * len(procs), f"exit codes {codes}:\n{tails}"
+    return time.monotonic() - start
+
+
+def _read_ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+# --------------------------------------------------------------------------------------
+# ProbeRunner across 2 processes
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def probe_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe_workers")
+    port = str(_free_port())
+    commands = [
+        (
+            [sys.executable, str(SCRIPTS / "probe_worker.py"), str(out)],
+            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(2)
+    ]
+    _run_all(commands, [out / "log0.txt", out / "log1.txt"], WORKER_TIMEOUT_S)
+    return _read_ranks(out)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """The same probes on the same model in this one process: the reference."""
+    tok = make_tokenizer()
+    runner = C.build_runner(tok)
+    model = make_model(seed=0, vocab_size=len(tok))
+    clean = runner.run(model)
+    C.perturb(model)
+    damaged = runner.run(model)
+    budgets = [BudgetConfig(**b) for b in C.BUDGETS]
+    base = Snapshot(0, build_snapshot(clean, clean, runner.probes), trigger="baseline")
+    decision = evaluate_budgets(budgets, Snapshot(10, build_snapshot(damaged, clean, runner.probes)), [base])
+    return {"runner": runner, "clean": C.results_json(clean), "damaged": C.results_json(damaged), "decision": decision}
+
+
+def assert_results_close(got: dict, want: dict, rel: float) -> None:
+    assert set(got) == set(want) == {"general", "facts", "answers"}
+    for name, w in want.items():
+        g = got[name]
+        fields = ("name", "kind", "examples", "tokens")
+        assert [g[f] for f in fields] == [w[f] for f in fields], name
+        assert g["score"] == w["score"], name  # counts over the same rows: exact
+        assert g["nll"] == pytest.approx(w["nll"], rel=rel), name
+
+
+def test_both_ranks_ran_in_one_process_group_of_two(probe_ranks):
+    assert [r["rank"] for r in probe_ranks] == [0, 1]
+    assert [r["world_size"] for r in probe_ranks] == [2, 2]
+    assert probe_ranks[0]["pid"] != probe_ranks[1]["pid"]
+
+
+def test_probe_rows_are_split_across_ranks_with_filler_batches(probe_ranks, single_process):
+    runner = single_process["runner"]
+    # Which sequences each rank should carry: rows i with i % 2 == rank, every choice of a row together.
+    want = [
+        sorted(list(s.ids) for seqs in runner._seqs.values() for s in seqs if s.example % 2 == r) for r in range(2)
+    ]
+    plan = [len(runner._batches(DistContext(rank=r, world_size=2))) for r in range(2)]
+    assert plan == [6, 3], "the probe data no longer gives an uneven split; fix dist_common"
+    for r, rank in enumerate(probe_ranks):
+        clean = rank["clean"]
+        # Every rank runs as many forwards as the busiest one: rank 1 replays 3 filler batches.
+        assert clean["forwards"] == max(plan)
+        seen = clean["sequences"]
+        assert {tuple(s) for s in seen} == {tuple(s) for s in want[r]}, f"rank {r} scored rows of the other rank"
+        assert clean["train_mode_restored"] is True
+    assert len(probe_ranks[0]["clean"]["sequences"]) == len(want[0])  # no filler on rank 0
+    assert len(probe_ranks[1]["clean"]["sequences"]) > len(want[1])  # filler rows on rank 1
+    # Each rank's counts cover all rows, so the sums were all-reduced.
+    for rank in probe_ranks:
+        res = rank["clean"]["results"]
+        assert [res[n]["examples"] for n in ("general", "facts", "answers")] == [len(C.TEXT), len(C.MC), len(C.COMP)]
+
+
+def test_results_identical_on_both_ranks_and_equal_to_single_process(probe_ranks, single_process):
+    r0, r1 = probe_ranks
+    for key in ("clean", "damaged"):
+        a = r0[key]["results"] if key == "clean" else r0[key]
+        b = r1[key]["results"] if key == "clean" else r1[key]
+        assert a == b  # bit-identical: both hold the same all-reduced float64 sums
+        assert_results_close(a, single_process[key], rel=1e-6)
+    # The perturbation really changed the numbers (so the comparison above is not vacuous).
+    assert r0["damaged"]["general"]["nll"] > r0["clean"]["results"]["general"]["nll"] + 1.0
+
+
+def test_budget_decision_identical_on_every_rank(probe_ranks, single_process):
+    d0, d1 = (r["decision"] for r in probe_ranks)
+    assert d0 == d1
+    assert d0["should_stop"] is True and d0["any_stop"] is True and d0["step"] == 10
+    ref = single_process["decision"]
+    assert d0["json"]["action"] == ref.action.value == "stop"
+    assert d0["json"]["message"] == ref.message
+    message = d0["json"]["message"]
+    assert message.startswith("retention/general fell to") and message.endswith(": stopping")
+    got = {o["budget"]: o for o in d0["json"]["outcomes"]}
+    for o in ref.outcomes:
+        g = got[o.budget]
+        want = (o.reason.value, o.action.value if o.action else None, o.in_breach)
+        assert (g["reason"], g["action"], g["in_breach"]) == want, o.budget
+        assert g["value"] == pytest.approx(o.value, rel=1e-6, abs=1e-12)
+    assert [got[b]["reason"] for b in ("retention/general", "loose", "patient")] == [
+        "patience_exhausted",
+        "within_budget",
+        "breach_pending",
+    ]
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["rank1-fails-first-forward", "rank0-fails-second-forward"])
+def test_a_fault_on_one_rank_raises_probe_failure_on_every_rank(probe_ranks, single_process, case):
+    entries = [r["faults"][case] for r in probe_ranks]
+    bad = entries[0]["bad_rank"]
+    assert entries[1]["bad_rank"] == bad
+    for rank, e in enumerate(entries):
+        assert e["raised"] == "ProbeFailure", e
+        assert e["message"].startswith("probe pass failed on 1 rank(s): ")
+        if rank == bad:
+            assert f"injected fault on rank {bad}" in e["message"] and e["cause"] is not None
+        else:
+            assert "another rank failed" in e["message"] and e["cause"] is None
+            assert 1 <= e["forwards"] <= 6  # it ran (part of) its pass, then learned of the fault
+        assert e["seconds"] < 20, "a rank waited for the other (process-group timeout is 60 s)"
+        assert e["train_mode_restored"] is True
+    # Afterwards the ranks are still in step: a clean pass gives the same numbers as before.
+    assert probe_ranks[0]["after_faults"] == probe_ranks[1]["after_faults"] == probe_ranks[0]["damaged"]
+
+
+# --------------------------------------------------------------------------------------
+# A real Trainer under torchrun (DDP on CPU) with the ForgettingMonitor attached
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("train_ddp")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(SCRIPTS / "train_ddp.py"), str(work), str(TRAIN_MAX_STEPS), str(TRAIN_LR),
+    ]
+    env = _env()
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    _run_all([(cmd, env)], [work / "torchrun.txt"], WORKER_TIMEOUT_S)
+    return work, _read_ranks(work)
+
+
+def test_ddp_run_is_real_ddp_with_two_ranks(ddp_run):
+    _, (r0, r1) = ddp_run
+    assert [r0["rank"], r1["rank"]] == [0, 1]
+    assert r0["world_size"] == r1["world_size"] == 2  # from torch.distributed
+    assert r0["args_world_size"] == r1["args_world_size"] == 2
+    assert r0["backend"] == r1["backend"] == "gloo"
+    assert r0["ddp_wrapped"] and r1["ddp_wrapped"]
+    # Synchronised replicas (use_cpu=True): same starting and same final weights on both ranks.
+    assert r0["pretrained_checksum"] == r1["pretrained_checksum"]
+    assert r0["final_checksum"] == r1["final_checksum"]
+    assert r0["final_checksum"] != r0["pretrained_checksum"]
+    # Two ranks of 4 rows each: 8 rows of the 64 per step, so the epoch runs twice as fast.
+    assert r0["epoch"] == pytest.approx(r0["global_step"] * 8 / 64)
+
+
+def test_ddp_every_rank_gets_the_same_decisions_and_stops_at_the_same_step(ddp_run):
+    _, (r0, r1) = ddp_run
+    assert r0["global_step"] == r1["global_step"]
+    assert r0["stop_step"] == r1["stop_step"] == r0["global_step"] < TRAIN_MAX_STEPS
+    assert r0["stop_decision"] == r1["stop_decision"]
+    assert r0["stop_decision"]["action"] == "stop"
+    assert r0["stop_message"].startswith("retention/general fell to")
+    assert r0["decisions"] == r1["decisions"]
+    assert r0["history"] == r1["history"]  # every metric (probe/seconds included) bit-identical
+    steps = [s["step"] for s in r0["history"]]
+    assert steps == list(range(0, r0["stop_step"] + 1, 2)) and len(steps) >= 3
+    # The recorded stop is where the pure budget function says it should be.
+    snaps = [Snapshot.from_json(s) for s in r0["history"]]
+    budgets = MonitorConfig.from_dict(C.TRAIN_MONITOR).budgets
+    stops = [snaps[i].step for i in range(1, len(snaps)) if evaluate_budgets(budgets, snaps[i], snaps[:i]).should_stop]
+    assert stops == [r0["stop_step"]]
+    assert snaps[-1].metrics["retention/general"] < 0.8 < snaps[1].metrics["retention/general"]
+
+
+def test_ddp_only_rank0_writes_the_monitor_files(ddp_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work, (r0, r1) = ddp_run
+    arena = work / "run" / "arena"
+    assert r0["history_path"] == str(arena / "history.jsonl") and r1["history_path"] is None
+    assert sorted(glob.glob(str(work / "**" / "history.jsonl"), recursive=True)) == [str(arena / "history.jsonl")]
+    assert sorted(glob.glob(str(work / "**" / "summary.json"), recursive=True)) == [str(arena / "summary.json")]
+    lines = [json.loads(x) for x in (arena / "history.jsonl").read_text().splitlines() if x.strip()]
+    # Written once (not once per rank), and exactly what rank 0 held.
+    assert [{k: v for k, v in x.items() if k != "decision"} for x in lines] == r0["history"]
+    assert [x.get("decision", {}) for x in lines] == r0["decisions"]
+    summary = json.loads((arena / "summary.json").read_text())
+    assert summary["stopped"] is True and summary["stop_step"] == r0["stop_step"]
+
+    tb_dir = work / "run" / "runs" / "arena"
+    assert r0["writer_dirs"] == [str(tb_dir)] and r1["writer_dirs"] == []
+    events = glob.glob(str(work / "**" / "events.out.tfevents.*"), recursive=True)
+    assert len(events) == 1, events
+    event = Path(events[0])
+    assert event.parent == tb_dir
+    assert event.name.split(".")[-2] == str(r0["pid"])  # written by rank 0's process
+    acc = EventAccumulator(str(event))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("retention/general")] == [s["step"] for s in r0["history"]]
+
+
+def test_ddp_baseline_equals_single_process_probes_on_the_same_weights(ddp_run):
+    from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
+
+    work, (r0, _) = ddp_run
+    tok = make_tokenizer()
+    model = make_model(seed=0, vocab_size=len(tok))
+    model.load_state_dict(torch.load(work / "pretrained.pt", weights_only=True))
+    assert [float(p.detach().double().sum()) for p in model.parameters()] == r0["pretrained_checksum"]
+    settings = ProbeSettings(**C.TRAIN_MONITOR["probe"])
+    data = {"general": C.TRAIN_GENERAL, "facts": C.TRAIN_FACTS, TARGET: C.TRAIN_TARGET}
+    runner = ProbeRunner({n: ProbeSet.build(n, d, settings) for n, d in data.items()}, settings)
+    runner.prepare(tok)
+    results = runner.run(model)
+    want = build_snapshot(results, results, runner.probes)
+    got = r0["history"][0]["metrics"]
+    assert set(got) - {"probe/seconds"} == set(want)
+    for key, value in want.items():
+        if math.isnan(value):
+            assert got[key] == "nan", key
+        else:
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+    assert results["facts"].score is not None and 0 < results["facts"].score  # a real score was compared
+    # Rank 1's probe forwards carried the other half of the rows, and as many forwards as rank 0.
+    r1 = ddp_run[1][1]
+    assert r0["probe_forwards"] == r1["probe_forwards"] > 0
+    want_rows = [
+        {tuple(s.ids) for seqs in runner._seqs.values() for s in seqs if s.example % 2 == r} for r in range(2)
+    ]
+    assert {tuple(x) for x in r0["probe_rows"]} == want_rows[0]
+    assert {tuple(x) for x in r1["probe_rows"]} == want_rows[1]
+
+
+# --------------------------------------------------------------------------------------
+# A fault on one rank of a sharded (FSDP2) model
+# --------------------------------------------------------------------------------------
+
+
+def test_fsdp_fault_on_one_rank_raises_on_every_rank_without_waiting(tmp_path, single_process):
+    port = str(_free_port())
+    commands = [
+        (
+            [sys.executable, str(SCRIPTS / "fsdp_fault.py"), str(tmp_path)],
+            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(2)
+    ]
+    _run_all(commands, [tmp_path / "log0.txt", tmp_path / "log1.txt"], WORKER_TIMEOUT_S)
+    ranks = _read_ranks(tmp_path)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    # Sharded probes give the unsharded numbers.
+    assert ranks[0]["clean"] == ranks[1]["clean"]
+    assert_results_close(ranks[0]["clean"], single_process["clean"], rel=1e-5)
+    for r in ranks:
+        assert r["raised"] == "ProbeFailure", r
+        assert r["message"].startswith("probe pass failed on 1 rank(s): ")
+        assert r["seconds"] < 20, "a rank waited for the other until a timeout"
+    assert "injected fault after the forward on rank 1" in ranks[1]["message"]
+    assert ranks[0]["forwards"] == 1  # rank 0 learned of the fault before its next sharded forward
