@@ -157,8 +157,9 @@ class ForgettingMonitor(TrainerCallback):
             value = metrics[budget.key]
             if check_limit(budget, value, value):
                 logger.warning(
-                    "arena-callbacks: budget %r is already exceeded at baseline (%s = %.4g); it will fire at the "
-                    "first probe", budget.label, budget.key, value,
+                    "arena-callbacks: budget %r is already exceeded at baseline (%s = %.4g); it will count as "
+                    "breached from the first probe at or after step %d (patience %d)",
+                    budget.label, budget.key, value, budget.min_step, budget.patience,
                 )
         self._record(snapshot, None, state)
 

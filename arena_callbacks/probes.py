@@ -396,10 +396,22 @@ class ProbeRunner:
             if self.settings.progress_bar is not None
             else n_total > self.settings.progress_min_batches
         )
+        # Every failure below is caught, never raised before the collectives: a rank that
+        # raised early would leave the others waiting in them.
+        flags = (False, False)
+        try:
+            flags = (_accepts(model, "position_ids"), _accepts(model, "logits_to_keep"))
+        except Exception as e:
+            error = e
         model.eval()
         try:
-            with torch.no_grad(), _without_mixed_precision_wrapper(model), _precision(device, self.settings.precision):
-                flags = (_accepts(model, "position_ids"), _accepts(model, "logits_to_keep"))
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(torch.no_grad())
+                    stack.enter_context(_without_mixed_precision_wrapper(model))
+                    stack.enter_context(_precision(device, self.settings.precision))
+                except Exception as e:
+                    error = error or e
                 for batch in _progress(batches, show_bar, desc):
                     # Agree before each forward: a rank that failed (say, out of memory in the
                     # log-softmax after its forward) must not leave a sharded model's other
@@ -422,9 +434,12 @@ class ProbeRunner:
 
         kinds = [self.probes[n].kind for n in self._seqs]
         if error is None:
-            for p_idx, name in enumerate(self._seqs):
-                sums[p_idx] = torch.tensor(_local_sums(self.probes[name], kinds[p_idx], p_idx, per_seq))
-        else:
+            try:
+                for p_idx, name in enumerate(self._seqs):
+                    sums[p_idx] = torch.tensor(_local_sums(self.probes[name], kinds[p_idx], p_idx, per_seq))
+            except Exception as e:
+                error = e
+        if error is not None:
             sums[-1, 0] = 1.0
         total = ctx.all_reduce_sum(sums)
         if total[-1, 0] > 0:

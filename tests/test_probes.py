@@ -240,3 +240,16 @@ def test_forward_error_becomes_probe_failure(tokenizer, model):
     with pytest.raises(ProbeFailure, match="out of memory"):
         r.run(model)
     assert model.training  # train mode restored even on failure
+
+
+def test_failure_outside_the_forward_is_a_probe_failure_too(tokenizer, model):
+    from arena_callbacks import ProbeFailure
+
+    r = runner(tokenizer, general=TEXT)
+
+    def broken_get_base_model():
+        raise RuntimeError("broken wrapper")
+
+    model.get_base_model = broken_get_base_model  # fails while inspecting the forward, before any batch
+    with pytest.raises(ProbeFailure, match="broken wrapper"):
+        r.run(model)

@@ -1,0 +1,30 @@
+# make demo  - set up (first time only) and run the demo: a finetune that the monitor stops
+# make test  - set up (first time only) and run the tests
+# make setup - only the set-up (scripts/setup.sh: venv, CPU torch where there is no GPU, package)
+# make clean - remove demo outputs and caches (make distclean also removes .venv)
+#
+# The environment is $(VENV): the active virtualenv if there is one, else .venv here.
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PY := $(VENV)/bin/python
+export VENV
+
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test clean distclean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) examples/demo.py $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .cache .pytest_cache build dist *.egg-info
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf .venv
