@@ -21,10 +21,10 @@ import json
 import logging
 import math
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -281,6 +281,15 @@ def _tokenize_probe(probe: ProbeSet, tokenizer: Any, settings: ProbeSettings) ->
 # --------------------------------------------------------------------------------------
 
 
+class BatchObserver(Protocol):
+    """Told, before each probe forward, which probe and sequences it carries.
+
+    ``probe`` is ``None`` for filler batches (and once after the pass, to reset).
+    """
+
+    def before_batch(self, probe: str | None, seqs: Sequence[_Seq]) -> None: ...
+
+
 class ProbeFailure(RuntimeError):
     """A probe pass failed on at least one rank (raised on every rank alike)."""
 
@@ -349,9 +358,15 @@ class ProbeRunner:
             pad = getattr(tokenizer, "eos_token_id", None)
         self._pad_id = int(pad) if pad is not None else 0
 
-    def _batches(self, ctx: DistContext) -> list[_Batch]:
+    def sequences(self, name: str) -> list[_Seq]:
+        """The tokenised sequences of one probe (after :meth:`prepare`)."""
+        return self._seqs[name]
+
+    def _batches(self, ctx: DistContext, only: Collection[str] | None = None) -> list[_Batch]:
         batches: list[_Batch] = []
         for p_idx, (name, seqs) in enumerate(self._seqs.items()):
+            if only is not None and name not in only:
+                continue
             mine = [s for s in seqs if s.example % ctx.world_size == ctx.rank]
             mine.sort(key=lambda s: (-len(s.ids), s.example, s.choice))  # batch by length
             bs = self.settings.batch_size
@@ -364,8 +379,17 @@ class ProbeRunner:
         ctx: DistContext | None = None,
         *,
         desc: str = "probes",
+        observer: BatchObserver | None = None,
+        only: Collection[str] | None = None,
+        forward_only: bool = False,
+        context: contextlib.AbstractContextManager[Any] | None = None,
     ) -> dict[str, ProbeResult]:
         """Score every probe on ``model``: eval mode, ``no_grad``, configured precision.
+
+        ``observer`` is told which sequences each forward carries (activation capture rides on
+        these forwards); ``only`` restricts the pass to some probes; ``forward_only`` runs the
+        forwards without scoring (results are then empty); ``context`` is entered around the
+        pass (e.g. a PEFT model's ``disable_adapter()``).
 
         All ranks must call this together. The model's train/eval mode is restored. A failure on
         any rank raises :class:`ProbeFailure` on every rank; the ranks agree before each forward,
@@ -377,11 +401,12 @@ class ProbeRunner:
             raise RuntimeError("ProbeRunner.run called before prepare(tokenizer)")
         ctx = ctx or DistContext()
         model = getattr(model, "module", model)  # DDP/DataParallel wrappers
-        batches = self._batches(ctx)
+        batches = self._batches(ctx, only)
         n_total = ctx.all_reduce_max(len(batches))
         # Ranks with fewer batches replay one of theirs (or any sequence) so that every rank
         # runs the same number of forwards; the results of those are discarded.
         filler = batches[0].seqs if batches else [next(s for seqs in self._seqs.values() for s in seqs)]
+        names = list(self._seqs)
         batches += [_Batch(0, filler, dummy=True) for _ in range(n_total - len(batches))]
 
         # One extra row carries "this rank failed" so that a fault on one rank is known to all
@@ -410,6 +435,8 @@ class ProbeRunner:
                     stack.enter_context(torch.no_grad())
                     stack.enter_context(_without_mixed_precision_wrapper(model))
                     stack.enter_context(_precision(device, self.settings.precision))
+                    if context is not None:
+                        stack.enter_context(context)
                 except Exception as e:
                     error = error or e
                 for batch in _progress(batches, show_bar, desc):
@@ -419,21 +446,25 @@ class ProbeRunner:
                     if ctx.any(error is not None):
                         break
                     try:
-                        out = _score_batch(model, batch.seqs, device, self._pad_id, *flags)
+                        if observer is not None:
+                            observer.before_batch(None if batch.dummy else names[batch.probe], batch.seqs)
+                        out = _score_batch(model, batch.seqs, device, self._pad_id, *flags, forward_only=forward_only)
                     except Exception as e:  # out of memory, a broken forward...: reported on every rank
                         error = e
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
                         continue
-                    if batch.dummy:
+                    if batch.dummy or forward_only:
                         continue
                     for s, o in zip(batch.seqs, out):
                         per_seq[(batch.probe, s.example, s.choice)] = o
         finally:
             model.train(was_training)
 
+        if observer is not None:
+            observer.before_batch(None, [])
         kinds = [self.probes[n].kind for n in self._seqs]
-        if error is None:
+        if error is None and not forward_only:
             try:
                 for p_idx, name in enumerate(self._seqs):
                     sums[p_idx] = torch.tensor(_local_sums(self.probes[name], kinds[p_idx], p_idx, per_seq))
@@ -445,8 +476,10 @@ class ProbeRunner:
         if total[-1, 0] > 0:
             where = f"{error!r}" if error is not None else "another rank failed"
             raise ProbeFailure(f"probe pass failed on {int(total[-1, 0])} rank(s): {where}") from error
-        results = {}
+        results: dict[str, ProbeResult] = {}
         for p_idx, name in enumerate(self._seqs):
+            if forward_only or (only is not None and name not in only):
+                continue
             nll_sum, tokens, correct, examples = total[p_idx].tolist()
             kind = kinds[p_idx]
             results[name] = ProbeResult(
@@ -490,6 +523,7 @@ def _score_batch(
     pad_id: int,
     pass_positions: bool,
     keep_supported: bool,
+    forward_only: bool = False,
 ) -> list[tuple[float, int, bool, float]]:
     """For each sequence: (sum NLL of scored tokens, their count, all greedy-correct, sum logprob).
 
@@ -505,12 +539,16 @@ def _score_batch(
         mask[r, width - len(s.ids) :] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = max(len(s.ids) - s.start + 1 for s in seqs)  # positions start-1 .. len-1 of the longest span
+    if forward_only:
+        keep = 1
     kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
     if pass_positions:
         kwargs["position_ids"] = position_ids.to(device)
     if keep_supported:
         kwargs["logits_to_keep"] = keep
     out = model(**kwargs)
+    if forward_only:
+        return []
     logits = out["logits"] if isinstance(out, Mapping) else out[0]
     if not keep_supported:
         logits = logits[:, -keep:, :]
