@@ -31,6 +31,7 @@ class Reason(str, Enum):
     BREACH_PENDING = "breach_pending"  # in breach, patience not yet exhausted
     PATIENCE_EXHAUSTED = "patience_exhausted"
     NOT_FINITE = "not_finite"  # NaN or infinite value: a breach at once, never a crash
+    NOT_MEASURED = "not_measured"  # the key is not measured at this step (own cadence, e.g. spectra)
 
 
 _ACTION_WORDS = {Action.LOG: "logging", Action.STOP: "stopping", Action.REWIND: "rewinding"}
@@ -149,8 +150,9 @@ def _message(budget: BudgetConfig, value: float, baseline: float, step: int, str
 def _evaluate_one(budget: BudgetConfig, snapshot: Snapshot, history: Sequence[Snapshot]) -> BudgetOutcome:
     base_snap = history[0] if history else snapshot
     if budget.key not in snapshot.metrics:
-        available = ", ".join(sorted(snapshot.metrics))
-        raise KeyError(f"budget {budget.label!r}: key {budget.key!r} is not in the snapshot; available: {available}")
+        # Keys are checked against what the monitor measures when it is built and at train
+        # start; a key absent here belongs to a measurement with its own cadence.
+        return BudgetOutcome(budget.label, budget.key, math.nan, math.nan, False, Reason.NOT_MEASURED, None, "")
     value = snapshot.metrics[budget.key]
     baseline = base_snap.metrics.get(budget.key, math.nan)
 
@@ -169,8 +171,10 @@ def _evaluate_one(budget: BudgetConfig, snapshot: Snapshot, history: Sequence[Sn
     # Count the consecutive breaches ending here, over post-baseline snapshots past min_step.
     streak = 1
     for past in reversed(history[1:]):
-        if past.step < budget.min_step or budget.key not in past.metrics:
+        if past.step < budget.min_step:
             break
+        if budget.key not in past.metrics:
+            continue  # not measured at that step: neither breaks nor extends the streak
         if not check_limit(budget, past.metrics[budget.key], baseline):
             break
         streak += 1

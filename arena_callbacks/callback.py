@@ -6,6 +6,7 @@ snapshot → budget evaluation (pure) → decision agreed by all ranks → log /
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import json
 import logging
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .capture import GeometryTracker
 from .budget import Decision, check_limit, evaluate_budgets
 from .config import MonitorConfig
 from .distributed import DistContext, current_context
@@ -76,14 +78,13 @@ class ForgettingMonitor(TrainerCallback):
             sets[TARGET] = ProbeSet.build(TARGET, target, self.config.probe)
         if not sets:
             raise ProbeDataError("probes: give at least one capability probe (probes={...}) or a target probe (target=...)")
-        self.measured_keys = expected_keys(sets, target is not None)
-        for i, budget in enumerate(self.config.budgets):
-            if budget.key not in self.measured_keys:
-                raise BudgetKeyError(
-                    f"budgets[{i}].key: {budget.key!r} is not measured by this monitor; "
-                    f"measured keys: {', '.join(self.measured_keys)}"
-                )
+        self.measured_keys = expected_keys(sets, target is not None) + _model_key_patterns(self.config)
+        self._check_budget_keys(self.measured_keys)
         self.runner = ProbeRunner(sets, self.config.probe)
+        self.geometry = GeometryTracker(self.config.geometry, self.runner) if self.config.geometry.enabled else None
+        self._spectra_cache: dict[str, Any] = {}
+        self._spectra_reference: dict[str, torch.Tensor] | None = None
+        self._spectra_names: list[str] | None = None
         self.tokenizer = tokenizer
         if tokenizer is not None:
             self.runner.prepare(tokenizer)  # report long rows now, not at train start
@@ -99,6 +100,14 @@ class ForgettingMonitor(TrainerCallback):
         self._writer: ScalarWriter | None = None
         self._last_probe_step = -1
 
+    def _check_budget_keys(self, measured: list[str]) -> None:
+        for i, budget in enumerate(self.config.budgets):
+            if not any(fnmatch.fnmatchcase(budget.key, k) for k in measured):
+                raise BudgetKeyError(
+                    f"budgets[{i}].key: {budget.key!r} is not measured by this monitor; "
+                    f"measured keys: {', '.join(measured)}"
+                )
+
     # ------------------------------------------------------------------ trainer events
 
     def on_train_begin(
@@ -109,6 +118,9 @@ class ForgettingMonitor(TrainerCallback):
         if not self.runner.prepared:
             self.runner.prepare(tokenizer)
         self._trainer = _find_trainer()
+        model = kwargs["model"]
+        if self.geometry is not None or self.config.spectra.enabled:
+            self._setup_model_measurements(model)
         self.output_dir = Path(self.config.logging.output_dir or os.path.join(args.output_dir, "arena"))
         self.history = History(self.output_dir / HISTORY_FILE if self._ctx.is_main else None)
         # A resumed run appends to the file it had, never wipes it.
@@ -121,7 +133,7 @@ class ForgettingMonitor(TrainerCallback):
                 "arena-callbacks: training resumes at step %d; the baseline is measured now, not at step 0",
                 state.global_step,
             )
-        self._measure_baseline(kwargs["model"], state)
+        self._measure_baseline(model, state)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -149,9 +161,10 @@ class ForgettingMonitor(TrainerCallback):
     # ------------------------------------------------------------------ internals
 
     def _measure_baseline(self, model: torch.nn.Module, state: TrainerState) -> None:
-        results, seconds = self._run_probes(model, desc="arena baseline")
+        self.baseline_results = None
+        results, seconds, extra = self._run_probes(model, state, desc="arena baseline", baseline=True)
         self.baseline_results = results
-        metrics = self._metrics(results, seconds)
+        metrics = {**self._metrics(results, seconds), **extra}
         snapshot = Snapshot(state.global_step, metrics, state.epoch, trigger="baseline")
         for budget in self.config.budgets:
             value = metrics[budget.key]
@@ -163,13 +176,52 @@ class ForgettingMonitor(TrainerCallback):
                 )
         self._record(snapshot, None, state)
 
-    def _run_probes(self, model: torch.nn.Module, desc: str) -> tuple[dict[str, ProbeResult], float]:
+    def _run_probes(
+        self, model: torch.nn.Module, state: TrainerState, desc: str, baseline: bool = False
+    ) -> tuple[dict[str, ProbeResult], float, dict[str, float]]:
         start = time.perf_counter()
-        results = self.runner.run(model, self._ctx, desc=desc)
+        extra: dict[str, float] = {}
+        if self.geometry is not None:
+            with self.geometry.capturing() as capture:
+                results = self.runner.run(model, self._ctx, desc=desc, observer=capture)
+            extra.update(self.geometry.measure(model, self._ctx, baseline=baseline))
+        else:
+            results = self.runner.run(model, self._ctx, desc=desc)
+        spectra = self.config.spectra
+        if spectra.enabled and (baseline or state.global_step % spectra.every_n_steps == 0):
+            from .spectra import aggregate_spectra, weight_spectra
+
+            per_layer = weight_spectra(
+                getattr(model, "module", model), reference=self._spectra_reference, names=self._spectra_names,
+                k=spectra.top_k, eps=spectra.intruder_threshold, cache=self._spectra_cache,
+            )
+            extra.update(aggregate_spectra(per_layer))
         # Rank 0's wall time, shared so every rank holds the same snapshot.
         elapsed = time.perf_counter() - start if self._ctx.is_main else 0.0
         seconds = float(self._ctx.all_reduce_sum(torch.tensor([elapsed]))[0])
-        return results, seconds
+        return results, seconds, extra
+
+    def _setup_model_measurements(self, model: torch.nn.Module) -> None:
+        """Geometry modules and spectra layers are known only once the model is: check budgets now."""
+        keys = [k for k in self.measured_keys if not k.startswith(("geometry/", "spectral/"))]
+        if self.geometry is not None:
+            from .geometry import METRICS
+
+            self.geometry.setup(model)
+            keys += [f"geometry/{m}/{n}" for m in METRICS for n in [*self.geometry.module_names, "mean", "max"]]
+            keys.append("geometry/cache_mb")
+        if self.config.spectra.enabled:
+            from .spectra import SPECTRAL_METRICS, snapshot_weights, spectra_layer_names
+
+            base = getattr(model, "module", model)
+            tracked = self.config.spectra.modules
+            if tracked is None and self.geometry is not None and self.geometry.capture is not None:
+                tracked = None if _has_adapters(base) else tuple(self.geometry.module_names)
+            self._spectra_names = spectra_layer_names(base, tracked)
+            if not _has_adapters(base):
+                self._spectra_reference = snapshot_weights(base, self._spectra_names)
+            keys += [f"spectral/{m}/{n}" for m in SPECTRAL_METRICS for n in [*self._spectra_names, "mean", "max"]]
+        self._check_budget_keys(sorted(keys))
 
     def _metrics(self, results: dict[str, ProbeResult], seconds: float) -> dict[str, float]:
         assert self.baseline_results is not None
@@ -188,12 +240,13 @@ class ForgettingMonitor(TrainerCallback):
             return  # one probe per step, whichever events fire
         self._last_probe_step = state.global_step
         try:
-            results, seconds = self._run_probes(model, desc=f"arena probes @ {state.global_step}")
+            results, seconds, extra = self._run_probes(model, state, desc=f"arena probes @ {state.global_step}")
         except ProbeFailure as e:
             # Training and checkpoints go on; the measurement of this step is lost.
             logger.warning("arena-callbacks: skipping the probe at step %d: %s", state.global_step, e)
             return
-        snapshot = Snapshot(state.global_step, self._metrics(results, seconds), state.epoch, trigger=trigger)
+        metrics = {**self._metrics(results, seconds), **extra}
+        snapshot = Snapshot(state.global_step, metrics, state.epoch, trigger=trigger)
         decision = evaluate_budgets(self.config.budgets, snapshot, self.history.snapshots)
         # Decisions are computed from all-reduced numbers, so they agree; still, stop every
         # rank if any rank says stop (a diverged rank must never keep others training).
@@ -282,3 +335,17 @@ def _find_trainer() -> Any:
     finally:
         del frame
 
+
+
+def _model_key_patterns(config: MonitorConfig) -> list[str]:
+    """Keys whose module part is known only at train start: wildcards until then."""
+    keys: list[str] = []
+    if config.geometry.enabled:
+        keys.append("geometry/*")
+    if config.spectra.enabled:
+        keys.append("spectral/*")
+    return keys
+
+
+def _has_adapters(model: torch.nn.Module) -> bool:
+    return callable(getattr(model, "get_base_model", None)) and hasattr(model, "peft_config")

@@ -27,9 +27,11 @@ __all__ = [
     "Action",
     "BudgetConfig",
     "CadenceConfig",
+    "GeometryConfig",
     "LoggingConfig",
     "MonitorConfig",
     "ProbeSettings",
+    "SpectraConfig",
 ]
 
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-{},|*]+)+$")
@@ -175,6 +177,59 @@ class BudgetConfig(_Frozen):
 _LIMIT_FIELDS = ("max_drop", "max_relative_drop", "max_rise", "min_value", "max_value")
 
 
+class SpectraConfig(_Frozen):
+    """Weight-space spectra of adapted layers (DESIGN.md §4), on their own cadence.
+
+    Attributes:
+        enabled: Compute ``spectral/*`` keys.
+        every_n_steps: Compute them at probe steps that are multiples of this (and at baseline).
+        modules: Name patterns of the layers to measure; ``None``: every adapted (PEFT) layer,
+            or for full finetuning the geometry modules' linear layers.
+        top_k: Singular directions checked for intruder dimensions.
+        intruder_threshold: A top singular vector of the finetuned weight whose best |cosine|
+            with the pretrained ones is below this is an intruder.
+    """
+
+    enabled: bool = False
+    every_n_steps: int = Field(default=200, ge=1)
+    modules: tuple[str, ...] | None = None
+    top_k: int = Field(default=10, ge=1)
+    intruder_threshold: float = Field(default=0.5, gt=0, lt=1)
+
+
+class GeometryConfig(_Frozen):
+    """Activation geometry: how far tracked modules' outputs moved from the pretrained model.
+
+    Attributes:
+        enabled: Measure ``geometry/<metric>/<module>`` at every probe step.
+        modules: Name patterns (``layers.{9,18}.mlp.down_proj``, ``*``, ``final_norm``) or
+            ``["auto"]``: the final norm plus ``o_proj``/``down_proj`` at 1/6, 1/2, 5/6 depth.
+        probes: Capability probes whose tokens are used; ``None``: every text probe (else every
+            capability probe).
+        tokens_per_module: Size of the fixed, seeded token sample.
+        reference: ``auto`` (PEFT: adapters switched off with ``disable_adapter()``; otherwise
+            cached), ``disable_adapter``, or ``cache`` (activations kept from the baseline).
+        cache_dtype: Precision of cached reference activations.
+        max_cache_mb: Largest cache allowed; a bigger one is refused at train start.
+        seed: Seed of the token sample.
+    """
+
+    enabled: bool = False
+    modules: tuple[str, ...] = ("auto",)
+    probes: tuple[str, ...] | None = None
+    tokens_per_module: int = Field(default=1024, ge=16)
+    reference: Literal["auto", "disable_adapter", "cache"] = "auto"
+    cache_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    max_cache_mb: float = Field(default=512.0, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _modules_given(self) -> GeometryConfig:
+        if not self.modules or any(not m.strip() for m in self.modules):
+            raise ValueError(f"modules: {list(self.modules)!r} must be non-empty name patterns, or ['auto']")
+        return self
+
+
 class LoggingConfig(_Frozen):
     """Where results go.
 
@@ -204,6 +259,8 @@ class MonitorConfig(_Frozen):
         stability: How per-capability retentions aggregate into ``sp/stability``.
         plasticity: ``difference`` (``T(t) - T(0)``) or ``ratio`` (``T(t) / T(0)``).
         budgets: Limits and the actions they trigger.
+        geometry: Activation geometry (``geometry/*`` keys).
+        spectra: Weight-space spectra (``spectral/*`` keys).
         logging: Output locations.
 
     Example:
@@ -216,6 +273,8 @@ class MonitorConfig(_Frozen):
     stability: Literal["mean", "min"] = "mean"
     plasticity: Literal["difference", "ratio"] = "difference"
     budgets: tuple[BudgetConfig, ...] = ()
+    geometry: GeometryConfig = GeometryConfig()
+    spectra: SpectraConfig = SpectraConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

@@ -46,6 +46,28 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def all_gather_rows(self, rows: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Concatenate every rank's ``rows`` (n_r × d, float) and ``ids`` (n_r); CPU results.
+
+        Ranks may hold different numbers of rows (a rank with none passes a 0 × 0 tensor).
+        """
+        if not self.active:
+            return rows, ids
+        meta = torch.zeros(2 * self.world_size, dtype=torch.float64)
+        meta[2 * self.rank] = rows.shape[0]
+        meta[2 * self.rank + 1] = rows.shape[1] if rows.ndim == 2 else 0
+        meta = self.all_reduce_sum(meta).long()
+        counts, dim = meta[0::2].tolist(), int(meta[1::2].max())
+        biggest = max(counts)
+        buf = torch.zeros(biggest, dim + 1, dtype=torch.float32, device=self.device)
+        if rows.shape[0]:
+            buf[: rows.shape[0], :dim] = rows.to(self.device, torch.float32)
+            buf[: rows.shape[0], dim] = ids.to(self.device, torch.float32)
+        parts = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(parts, buf)
+        full = torch.cat([p[:c] for p, c in zip(parts, counts)]).cpu()
+        return full[:, :dim], full[:, dim].round().long()
+
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on any rank."""
         return bool(self.all_reduce_max(int(bool(flag))))

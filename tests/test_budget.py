@@ -101,12 +101,17 @@ def test_log_action_does_not_stop_and_most_severe_wins():
     assert d2.action is Action.STOP and len(d2.fired) == 2
 
 
-def test_baseline_never_fires_and_missing_key_lists_available():
+def test_baseline_never_fires_and_unmeasured_steps_are_skipped():
     b = BudgetConfig(key=KEY, min_value=2.0)
     base = Snapshot(0, {KEY: 0.9})
     assert evaluate_budgets([b], base, []).action is None
-    with pytest.raises(KeyError, match="available: other/key"):
-        evaluate_budgets([b], Snapshot(10, {"other/key": 1.0}), [base])
+    d = evaluate_budgets([b], Snapshot(10, {"other/key": 1.0}), [base])
+    assert d.action is None and d.outcomes[0].reason is Reason.NOT_MEASURED
+    # A key on its own cadence: unmeasured steps neither break nor extend a streak.
+    b2 = BudgetConfig(key=KEY, max_drop=0.1, patience=2)
+    h = [base, Snapshot(10, {KEY: 0.5}), Snapshot(20, {})]
+    d2 = evaluate_budgets([b2], Snapshot(30, {KEY: 0.5}), h)
+    assert d2.should_stop and d2.message.endswith("(2 probes in a row): stopping")
 
 
 def test_decision_json_roundtrips_through_json():
