@@ -208,7 +208,7 @@ class ForgettingMonitor(TrainerCallback):
             from .geometry import METRICS
 
             self.geometry.setup(model)
-            keys += [f"geometry/{m}/{n}" for m in METRICS for n in [*self.geometry.module_names, "mean", "max"]]
+            keys += [f"geometry/{m}/{n}" for m in METRICS for n in [*self.geometry.module_names, "mean", "max", "min"]]
             keys.append("geometry/cache_mb")
         if self.config.spectra.enabled:
             from .spectra import SPECTRAL_METRICS, snapshot_weights, spectra_layer_names
