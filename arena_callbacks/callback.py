@@ -214,10 +214,7 @@ class ForgettingMonitor(TrainerCallback):
             from .spectra import SPECTRAL_METRICS, snapshot_weights, spectra_layer_names
 
             base = getattr(model, "module", model)
-            tracked = self.config.spectra.modules
-            if tracked is None and self.geometry is not None and self.geometry.capture is not None:
-                tracked = None if _has_adapters(base) else tuple(self.geometry.module_names)
-            self._spectra_names = spectra_layer_names(base, tracked)
+            self._spectra_names = spectra_layer_names(base, self.config.spectra.modules)
             if not _has_adapters(base):
                 self._spectra_reference = snapshot_weights(base, self._spectra_names)
             keys += [f"spectral/{m}/{n}" for m in SPECTRAL_METRICS for n in [*self._spectra_names, "mean", "max"]]

@@ -183,8 +183,10 @@ class SpectraConfig(_Frozen):
     Attributes:
         enabled: Compute ``spectral/*`` keys.
         every_n_steps: Compute them at probe steps that are multiples of this (and at baseline).
-        modules: Name patterns of the layers to measure; ``None``: every adapted (PEFT) layer,
-            or for full finetuning the geometry modules' linear layers.
+        modules: Name patterns of the layers to measure (a pattern selects the layers at or
+            under the modules it matches); ``None``: every adapted (PEFT) layer, or for full
+            finetuning every linear layer but the output head (a dense SVD each: narrow it on
+            big models).
         top_k: Singular directions checked for intruder dimensions.
         intruder_threshold: A top singular vector of the finetuned weight whose best |cosine|
             with the pretrained ones is below this is an intruder.

@@ -62,3 +62,38 @@ def test_geometry_errors_at_train_start(tokenizer, tmp_path):
     # Before the model is known, a geometry key needs geometry switched on.
     with pytest.raises(BudgetKeyError, match="is not measured"):
         ForgettingMonitor(budgets=[{"key": "geometry/cka/min", "min_value": 0.9}], probes={"general": GENERAL})
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "oft"])
+def test_spectra_on_their_own_cadence(tokenizer, tmp_path, method):
+    model = pretrained_model()
+    if method != "full":
+        peft = pytest.importorskip("peft")
+        cfg = (peft.LoraConfig(r=4, target_modules=["down_proj", "o_proj"]) if method == "lora"
+               else peft.OFTConfig(r=0, oft_block_size=8, target_modules=["down_proj", "o_proj"],
+                                   use_cayley_neumann=False))
+        model = peft.get_peft_model(model, cfg)
+    monitor = ForgettingMonitor(
+        {"cadence": {"every_n_steps": 2}, "logging": {"tensorboard": False},
+         "spectra": {"enabled": True, "every_n_steps": 4, "modules": ["layers.1.mlp.down_proj", "layers.0.self_attn.o_proj"]},
+         "budgets": [{"key": "spectral/rel_update_fro/max", "max_value": 1e-3, "patience": 2, "action": "log"}]},
+        probes={"general": GENERAL},
+    )
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", seed=0)
+    Trainer(model=model, args=args, train_dataset=[tokenizer(TARGET_TEXT)] * 64, processing_class=tokenizer,
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[monitor]).train()
+    layers = ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj"]
+    steps = {s.step: s.metrics for s in monitor.history}
+    assert sorted(steps) == [0, 2, 4, 6, 8]
+    measured = [st for st, m in steps.items() if "spectral/rel_update_fro/max" in m]
+    assert measured == [0, 4, 8]  # baseline and every 4th step only
+    for layer in layers:
+        assert steps[0][f"spectral/rel_update_fro/{layer}"] == 0.0
+        assert steps[8][f"spectral/rel_update_fro/{layer}"] > 0
+    if method == "oft":
+        # An orthogonal multiplicative update keeps the spectrum: no intruders, Σ unchanged.
+        assert steps[8]["spectral/intruders/max"] == 0.0
+    # Patience counts measured steps only: breached at 4 and 8 → the log action fires at 8.
+    fired = [d.get("action") for d in monitor.history.decisions]
+    assert fired == [None, None, None, None, "log"]
