@@ -2,7 +2,16 @@
 
 from .budget import BudgetOutcome, Decision, Reason, evaluate_budgets
 from .callback import ForgettingMonitor
-from .config import Action, BudgetConfig, CadenceConfig, LoggingConfig, MonitorConfig, ProbeSettings
+from .config import (
+    Action,
+    BudgetConfig,
+    CadenceConfig,
+    GeometryConfig,
+    LoggingConfig,
+    MonitorConfig,
+    ProbeSettings,
+    SpectraConfig,
+)
 from .exceptions import ArenaError, BudgetKeyError, ProbeDataError
 from .history import read_history
 from .measurements import Snapshot
@@ -19,6 +28,7 @@ __all__ = [
     "CadenceConfig",
     "Decision",
     "ForgettingMonitor",
+    "GeometryConfig",
     "LoggingConfig",
     "MonitorConfig",
     "Probe",
@@ -30,6 +40,7 @@ __all__ = [
     "ProbeSettings",
     "Reason",
     "Snapshot",
+    "SpectraConfig",
     "__version__",
     "evaluate_budgets",
     "read_history",

@@ -85,3 +85,19 @@ def test_token_sample_is_seeded_and_bounded(tokenizer):
     assert a == ActivationCapture.sample_tokens({"g": r.sequences("g")}, 30, seed=1)
     assert a != ActivationCapture.sample_tokens({"g": r.sequences("g")}, 30, seed=2)
     assert len(ActivationCapture.sample_tokens({"g": r.sequences("g")}, 10**6, seed=1)) == total
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+def test_auto_modules_qwen_and_gemma(family):
+    import transformers
+
+    cfg_cls, model_cls = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    }[family]
+    cfg = cfg_cls(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=6, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=8)
+    model = model_cls(cfg)
+    assert list(resolve_modules(model, "auto")) == [
+        "model.layers.1.mlp.down_proj", "model.layers.3.self_attn.o_proj", "model.layers.5.mlp.down_proj", "model.norm",
+    ]
