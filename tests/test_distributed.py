@@ -362,3 +362,30 @@ def test_fsdp_fault_on_one_rank_raises_on_every_rank_without_waiting(tmp_path, s
         assert r["seconds"] < 20, "a rank waited for the other until a timeout"
     assert "injected fault after the forward on rank 1" in ranks[1]["message"]
     assert ranks[0]["forwards"] == 1  # rank 0 learned of the fault before its next sharded forward
+
+
+# --------------------------------------------------------------------------------------
+# Geometry capture across 2 processes
+# --------------------------------------------------------------------------------------
+
+
+def test_geometry_keys_identical_on_both_ranks_and_equal_to_single_process(tmp_path, single_process):
+    port = str(_free_port())
+    commands = [
+        (
+            [sys.executable, str(SCRIPTS / "geometry_worker.py"), str(tmp_path)],
+            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(2)
+    ]
+    _run_all(commands, [tmp_path / "log0.txt", tmp_path / "log1.txt"], WORKER_TIMEOUT_S)
+    ranks = _read_ranks(tmp_path)
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    runner = single_process["runner"]
+    for mode in ("disable_adapter", "cache"):
+        assert ranks[0][mode] == ranks[1][mode]
+        want = C.geometry_metrics_for(runner, DistContext(), mode)
+        assert sorted(ranks[0][mode]) == sorted(want)
+        assert want["geometry/procrustes/max"] > 0.01  # the change was seen
+        for key, value in want.items():
+            assert ranks[0][mode][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (mode, key)

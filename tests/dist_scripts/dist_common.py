@@ -104,3 +104,37 @@ def dump(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(clean(data), indent=1), encoding="utf-8")
     tmp.replace(path)
+
+
+def geometry_metrics_for(runner: Any, ctx: Any, mode: str) -> dict[str, float]:
+    """Geometry keys after a deterministic change to the model (same on every rank).
+
+    ``disable_adapter``: a LoRA model whose adapter weights are moved; ``cache``: a plain model
+    measured at baseline, then changed.
+    """
+    import peft
+    import torch
+
+    from arena_callbacks.capture import GeometryTracker
+    from arena_callbacks.config import GeometryConfig
+    from helpers import make_model, make_tokenizer
+
+    model = make_model(seed=0, vocab_size=len(make_tokenizer()))
+    if mode == "disable_adapter":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["down_proj", "o_proj"]))
+    tracker = GeometryTracker(GeometryConfig(enabled=True, tokens_per_module=64, reference=mode, cache_dtype="fp32"),
+                              runner)
+    tracker.setup(model)
+
+    def measure(baseline: bool) -> dict[str, float]:
+        with tracker.capturing() as cap:
+            runner.run(model, ctx, observer=cap)
+        return tracker.measure(model, ctx, baseline=baseline)
+
+    measure(True)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if mode == "cache" or "lora_B" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    return measure(False)
