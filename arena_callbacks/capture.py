@@ -45,6 +45,7 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def _strip_peft(name: str) -> str:
+    """Module name without PEFT's `base_model.model.` prefixes (shared with spectra)."""
     return re.sub(r"^(base_model\.model\.)+", "", name)
 
 

@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+
+from .capture import _strip_peft, expand_braces
 
 __all__ = [
     "SPECTRAL_METRICS",
@@ -732,12 +733,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return get() if callable(get) else None
 
 
-def _strip_peft(name: str) -> str:
-    return re.sub(r"^(base_model\.model\.)+", "", name)
-
-
 def _match_patterns(model: nn.Module, pool: list[str], patterns: list[str]) -> list[str]:
-    from .capture import expand_braces
 
     modules = [_strip_peft(n) for n, _ in _walk(model)]
     chosen: list[str] = []
