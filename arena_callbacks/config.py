@@ -30,6 +30,7 @@ __all__ = [
     "GeometryConfig",
     "LoggingConfig",
     "MonitorConfig",
+    "OperatingPointConfig",
     "ProbeSettings",
     "SpectraConfig",
 ]
@@ -232,6 +233,28 @@ class GeometryConfig(_Frozen):
         return self
 
 
+class OperatingPointConfig(_Frozen):
+    """The stability-plasticity estimate: which point of the run is best, and overshoot.
+
+    Attributes:
+        rule: ``weighted`` picks the maximum of ``weight·P + S``; ``constrained`` the best ``P``
+            with ``S >= min_stability``.
+        weight: ``w`` of the weighted rule (LiNeS uses 2-5).
+        min_stability: ``S_min`` of the constrained rule.
+        exchange_rate: Overshoot when the marginal rate ``-ΔS/ΔP`` along the smoothed
+            trajectory stays above this.
+        overshoot_patience: For this many consecutive probe steps.
+        smoothing: Moving-average window (probe points) applied before rates are taken.
+    """
+
+    rule: Literal["weighted", "constrained"] = "weighted"
+    weight: float = Field(default=2.0, ge=0)
+    min_stability: float = 0.9
+    exchange_rate: float = Field(default=1.0, gt=0)
+    overshoot_patience: int = Field(default=2, ge=1)
+    smoothing: int = Field(default=3, ge=1)
+
+
 class LoggingConfig(_Frozen):
     """Where results go.
 
@@ -261,6 +284,7 @@ class MonitorConfig(_Frozen):
         stability: How per-capability retentions aggregate into ``sp/stability``.
         plasticity: ``difference`` (``T(t) - T(0)``) or ``ratio`` (``T(t) / T(0)``).
         budgets: Limits and the actions they trigger.
+        operating_point: Operating-point rule and overshoot detection (``sp/*`` keys).
         geometry: Activation geometry (``geometry/*`` keys).
         spectra: Weight-space spectra (``spectral/*`` keys).
         logging: Output locations.
@@ -275,6 +299,7 @@ class MonitorConfig(_Frozen):
     stability: Literal["mean", "min"] = "mean"
     plasticity: Literal["difference", "ratio"] = "difference"
     budgets: tuple[BudgetConfig, ...] = ()
+    operating_point: OperatingPointConfig = OperatingPointConfig()
     geometry: GeometryConfig = GeometryConfig()
     spectra: SpectraConfig = SpectraConfig()
     logging: LoggingConfig = LoggingConfig()
