@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .probes import ProbeResult, ProbeSet
+from .sp import SP_KEYS
 
 __all__ = ["TARGET", "Snapshot", "build_snapshot", "expected_keys"]
 
@@ -82,6 +83,8 @@ def expected_keys(probes: Mapping[str, ProbeSet], has_target: bool) -> list[str]
         keys += ["target/nll", "target/delta_nll", "sp/plasticity"]
         if probes[TARGET].scored:
             keys.append("target/score")
+        if capabilities:
+            keys += list(SP_KEYS)
     return sorted(keys)
 
 

@@ -1,0 +1,228 @@
+"""A saved run read back from disk: its snapshots, decisions, summary and config.
+
+Example:
+    >>> run = load_run("out")                     # doctest: +SKIP
+    >>> run.metrics_frame()[["step", "sp/stability"]]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .config import MonitorConfig
+from .exceptions import ArenaError
+from .history import HISTORY_FILE
+from .measurements import Snapshot
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from .sp import SPPoint
+
+__all__ = ["MONITOR_DIR", "SUMMARY_FILE", "Run", "RunNotFoundError", "load_run"]
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+#: The monitor's default folder inside a trainer ``output_dir``.
+MONITOR_DIR = "arena"
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunNotFoundError(ArenaError, FileNotFoundError):
+    """A folder given as a run holds no ``history.jsonl`` (nor ``arena/history.jsonl``)."""
+
+
+@dataclass
+class Run:
+    """One saved monitor run.
+
+    Attributes:
+        name: Label (the trainer output folder's name by default).
+        path: The monitor folder holding ``history.jsonl`` (and ``summary.json`` once training ended).
+        snapshots: Every probe step in order, the baseline first; ``extra`` holds no ``decision``.
+        summary: ``summary.json`` as a dict (``{}`` when the run has not ended).
+        config: The monitor config rebuilt from ``summary["config"]``, else the default.
+        decisions: One dict per snapshot, aligned with ``snapshots`` (``{}`` for the baseline
+            or where none was recorded), as written by the monitor.
+        output_dir: The trainer output folder, searched for ``checkpoint-<step>`` folders.
+        trainable_parameters: ``summary["trainable_parameters"]`` when present, else ``None``.
+    """
+
+    name: str
+    path: Path
+    snapshots: list[Snapshot]
+    summary: dict[str, Any] = field(default_factory=dict)
+    config: MonitorConfig = field(default_factory=MonitorConfig)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    output_dir: Path | None = None
+    trainable_parameters: int | None = None
+
+    # ------------------------------------------------------------------ frames
+    def metrics_frame(self) -> pd.DataFrame:
+        """One row per probe step: ``step``, ``epoch``, ``trigger`` and every metric key (NaN where absent)."""
+        import pandas as pd
+
+        keys = sorted({k for s in self.snapshots for k in s.metrics})
+        rows = [
+            {"step": s.step, "epoch": s.epoch, "trigger": s.trigger, **{k: s.metrics.get(k, math.nan) for k in keys}}
+            for s in self.snapshots
+        ]
+        return pd.DataFrame(rows, columns=["step", "epoch", "trigger", *keys])
+
+    def fired(self) -> list[dict[str, Any]]:
+        """Every budget outcome that fired an action: step, action, reason, message, budget, key, value."""
+        rows = []
+        for snap, dec in zip(self.snapshots, self.decisions):
+            for o in dec.get("outcomes", []) or []:
+                if o.get("action") is None:
+                    continue
+                rows.append(
+                    {
+                        "step": snap.step,
+                        "action": o["action"],
+                        "reason": o.get("reason"),
+                        "message": o.get("message", ""),
+                        "budget": o.get("budget"),
+                        "key": o.get("key"),
+                        "value": _float(o.get("value")),
+                    }
+                )
+        return rows
+
+    def decisions_frame(self) -> pd.DataFrame:
+        """:meth:`fired` as a DataFrame (columns step, action, reason, message, budget, key, value)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.fired(), columns=["step", "action", "reason", "message", "budget", "key", "value"])
+
+    def breaches(self) -> list[dict[str, Any]]:
+        """Every budget outcome in breach (fired or pending), with its step."""
+        out = []
+        for snap, dec in zip(self.snapshots, self.decisions):
+            for o in dec.get("outcomes", []) or []:
+                if o.get("in_breach"):
+                    out.append({"step": snap.step, **o, "value": _float(o.get("value")), "baseline": _float(o.get("baseline"))})
+        return out
+
+    # ------------------------------------------------------------------ sp plane
+    def points(self) -> list[SPPoint]:
+        """The run's stability-plasticity trajectory (:func:`arena_callbacks.sp.trajectory`)."""
+        from .sp import trajectory
+
+        return list(trajectory(self.snapshots))
+
+    # ------------------------------------------------------------------ misc
+    @property
+    def baseline(self) -> Snapshot | None:
+        return self.snapshots[0] if self.snapshots else None
+
+    @property
+    def stop_step(self) -> int | None:
+        """Where a ``stop`` fired: ``summary["stop_step"]``, else the first stopping decision."""
+        if self.summary.get("stop_step") is not None:
+            return int(self.summary["stop_step"])
+        for snap, dec in zip(self.snapshots, self.decisions):
+            if dec.get("action") in ("stop", "rewind"):
+                return snap.step
+        return None
+
+    @property
+    def stop_message(self) -> str | None:
+        if self.summary.get("stop_message"):
+            return str(self.summary["stop_message"])
+        for dec in self.decisions:
+            if dec.get("action") in ("stop", "rewind"):
+                return str(dec.get("message") or "")
+        return None
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """``checkpoint-<step>`` folders in the trainer output folder, by step."""
+        if self.output_dir is None or not self.output_dir.is_dir():
+            return []
+        found = []
+        for p in self.output_dir.iterdir():
+            m = _CHECKPOINT.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+
+def _float(v: Any) -> float:
+    if v is None:
+        return math.nan
+    try:
+        return float(v)  # "nan"/"inf" strings as written for non-finite values
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _monitor_dir(path: Path) -> tuple[Path, Path]:
+    """(monitor folder, trainer output folder) for a path given by the user."""
+    if path.is_file() and path.name == HISTORY_FILE:
+        return path.parent, path.parent.parent
+    if (path / HISTORY_FILE).is_file():
+        return path, path.parent
+    if (path / MONITOR_DIR / HISTORY_FILE).is_file():
+        return path / MONITOR_DIR, path
+    if not path.exists():
+        raise RunNotFoundError(f"run folder not found: {path}")
+    raise RunNotFoundError(
+        f"no {HISTORY_FILE} in {path} (looked for {path / HISTORY_FILE} and {path / MONITOR_DIR / HISTORY_FILE})"
+    )
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    """Read a run from its monitor folder, or a trainer ``output_dir`` holding ``arena/``.
+
+    Raises:
+        RunNotFoundError: no ``history.jsonl`` there.
+    """
+    given = Path(path)
+    mdir, odir = _monitor_dir(given)
+    snapshots: list[Snapshot] = []
+    decisions: list[dict[str, Any]] = []
+    lines = [(i, ln) for i, ln in enumerate((mdir / HISTORY_FILE).read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
+    for n, (i, line) in enumerate(lines):
+        try:
+            snap = Snapshot.from_json(json.loads(line))
+        except (ValueError, KeyError, TypeError) as e:
+            if n == len(lines) - 1:  # a last line cut short by a crash mid-write
+                logger.warning("arena-callbacks: skipping unreadable last line %d of %s (%s)", i, mdir / HISTORY_FILE, e)
+                continue
+            raise ArenaError(f"{mdir / HISTORY_FILE}, line {i}: not a snapshot record ({e})") from e
+        extra = dict(snap.extra)
+        decisions.append(extra.pop("decision", None) or {})
+        snapshots.append(Snapshot(snap.step, snap.metrics, snap.epoch, snap.trigger, extra))
+
+    summary: dict[str, Any] = {}
+    if (mdir / SUMMARY_FILE).is_file():
+        try:
+            summary = json.loads((mdir / SUMMARY_FILE).read_text(encoding="utf-8"))
+        except ValueError as e:
+            logger.warning("arena-callbacks: could not read %s (%s)", mdir / SUMMARY_FILE, e)
+    config = MonitorConfig()
+    if isinstance(summary.get("config"), dict):
+        try:
+            config = MonitorConfig.model_validate(summary["config"])
+        except ValueError as e:
+            logger.warning("arena-callbacks: config in %s not understood (%s); using defaults", mdir / SUMMARY_FILE, e)
+    tp = summary.get("trainable_parameters")
+    run_name = name or (mdir.parent.name if mdir.name == MONITOR_DIR and mdir.parent.name else mdir.name)
+    return Run(
+        name=run_name,
+        path=mdir,
+        snapshots=snapshots,
+        summary=summary,
+        config=config,
+        decisions=decisions,
+        output_dir=odir,
+        trainable_parameters=int(tp) if isinstance(tp, (int, float)) else None,
+    )
