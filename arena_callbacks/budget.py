@@ -20,7 +20,7 @@ from enum import Enum
 from .config import Action, BudgetConfig
 from .measurements import Snapshot
 
-__all__ = ["BudgetOutcome", "Decision", "Reason", "check_limit", "evaluate_budgets"]
+__all__ = ["BudgetOutcome", "Decision", "Reason", "check_limit", "evaluate_budgets", "threshold"]
 
 
 class Reason(str, Enum):
@@ -117,6 +117,18 @@ def check_limit(budget: BudgetConfig, value: float, baseline: float) -> bool:
     if kind == "min_value":
         return value < limit
     return value > limit  # max_value
+
+
+def threshold(budget: BudgetConfig, baseline: float) -> float:
+    """The budget's limit in the watched key's own units (where a line goes on its curve)."""
+    kind, x = budget.limit
+    if kind == "max_drop":
+        return baseline - x
+    if kind == "max_rise":
+        return baseline + x
+    if kind == "max_relative_drop":
+        return baseline - x * abs(baseline)  # baseline·(1−x) for a positive baseline
+    return x  # min_value / max_value
 
 
 def _describe_limit(budget: BudgetConfig) -> str:

@@ -19,13 +19,14 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .capture import GeometryTracker
-from .budget import Decision, check_limit, evaluate_budgets
+from .budget import Decision, check_limit, evaluate_budgets, threshold
 from .config import MonitorConfig
 from .distributed import DistContext, current_context
 from .exceptions import BudgetKeyError, ProbeDataError
 from .history import HISTORY_FILE, History
 from .measurements import TARGET, Snapshot, build_snapshot, expected_keys
 from .probes import ProbeFailure, ProbeResult, ProbeRunner, ProbeSet
+from .sp import operating_point, trajectory, sp_metrics
 from .tensorboard import ScalarWriter, resolve_tensorboard_dir
 
 __all__ = ["ForgettingMonitor"]
@@ -99,6 +100,7 @@ class ForgettingMonitor(TrainerCallback):
         self._trainer: Any = None
         self._writer: ScalarWriter | None = None
         self._last_probe_step = -1
+        self._trainable_parameters: int | None = None
 
     def _check_budget_keys(self, measured: list[str]) -> None:
         for i, budget in enumerate(self.config.budgets):
@@ -119,6 +121,7 @@ class ForgettingMonitor(TrainerCallback):
             self.runner.prepare(tokenizer)
         self._trainer = _find_trainer()
         model = kwargs["model"]
+        self._trainable_parameters = _count_trainable(model)
         if self.geometry is not None or self.config.spectra.enabled:
             self._setup_model_measurements(model)
         self.output_dir = Path(self.config.logging.output_dir or os.path.join(args.output_dir, "arena"))
@@ -128,6 +131,7 @@ class ForgettingMonitor(TrainerCallback):
         if self._ctx.is_main and self.config.logging.tensorboard:
             tb_dir = resolve_tensorboard_dir(self.config.logging.tensorboard_dir, self._trainer, args.output_dir)
             self._writer = ScalarWriter(tb_dir)
+            self._writer.custom_scalars(self._custom_scalars_layout())
         if state.global_step > 0:
             logger.warning(
                 "arena-callbacks: training resumes at step %d; the baseline is measured now, not at step 0",
@@ -164,7 +168,7 @@ class ForgettingMonitor(TrainerCallback):
         self.baseline_results = None
         results, seconds, extra = self._run_probes(model, state, desc="arena baseline", baseline=True)
         self.baseline_results = results
-        metrics = {**self._metrics(results, seconds), **extra}
+        metrics = self._with_sp(state.global_step, {**self._metrics(results, seconds), **extra})
         snapshot = Snapshot(state.global_step, metrics, state.epoch, trigger="baseline")
         for budget in self.config.budgets:
             value = metrics[budget.key]
@@ -232,6 +236,24 @@ class ForgettingMonitor(TrainerCallback):
         metrics["probe/seconds"] = seconds
         return metrics
 
+    def _with_sp(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Add the ``sp/*`` estimate of the trajectory up to and including this step."""
+        if "sp/plasticity" not in metrics or "sp/stability" not in metrics:
+            return metrics
+        points = trajectory([*self.history.snapshots, Snapshot(step, metrics)])
+        return {**metrics, **sp_metrics(points, self.config.operating_point)}
+
+    def _budget_lines(self, metrics: dict[str, float]) -> dict[str, float]:
+        """``budget/<label>``: each budget's limit in its key's units, drawn beside the key's curve."""
+        if not self.history.snapshots and not metrics:
+            return {}
+        base = self.history.snapshots[0].metrics if self.history.snapshots else metrics
+        lines = {}
+        for b in self.config.budgets:
+            if b.key in base:
+                lines[f"budget/{b.label}"] = threshold(b, base[b.key])
+        return lines
+
     def _probe(self, model: torch.nn.Module, state: TrainerState, control: TrainerControl, trigger: str) -> None:
         if state.global_step == self._last_probe_step or self.baseline_results is None:
             return  # one probe per step, whichever events fire
@@ -242,7 +264,7 @@ class ForgettingMonitor(TrainerCallback):
             # Training and checkpoints go on; the measurement of this step is lost.
             logger.warning("arena-callbacks: skipping the probe at step %d: %s", state.global_step, e)
             return
-        metrics = {**self._metrics(results, seconds), **extra}
+        metrics = self._with_sp(state.global_step, {**self._metrics(results, seconds), **extra})
         snapshot = Snapshot(state.global_step, metrics, state.epoch, trigger=trigger)
         decision = evaluate_budgets(self.config.budgets, snapshot, self.history.snapshots)
         # Decisions are computed from all-reduced numbers, so they agree; still, stop every
@@ -260,7 +282,8 @@ class ForgettingMonitor(TrainerCallback):
     def _record(self, snapshot: Snapshot, decision: Decision | None, state: TrainerState) -> None:
         self.history.append(snapshot, decision)
         if self._writer is not None:
-            self._writer.scalars(snapshot.metrics, snapshot.step)
+            self._writer.scalars({**snapshot.metrics, **self._budget_lines(snapshot.metrics)}, snapshot.step)
+            self._write_sp_image(snapshot.step)
         for outcome in decision.fired if decision else ():
             if self._ctx.is_main:
                 logger.warning("arena-callbacks: %s", outcome.message)
@@ -269,6 +292,50 @@ class ForgettingMonitor(TrainerCallback):
         if self._writer is not None:
             self._writer.flush()
         self._log_to_trainer(snapshot.metrics, state)
+
+    def _write_sp_image(self, step: int) -> None:
+        if self._writer is None or not self.config.logging.sp_plane_image:
+            return
+        points = trajectory(self.history.snapshots)
+        if not points:
+            return
+        try:
+            from .report import trajectory_image
+
+            image = trajectory_image(points, self.config.operating_point, f"stability-plasticity @ step {step}")
+        except Exception as e:  # a plotting problem must not end training
+            logger.warning("arena-callbacks: could not draw the stability-plasticity image (%s)", e)
+            return
+        self._writer.image("arena/sp_plane", image, step)
+
+    def _custom_scalars_layout(self) -> dict[str, dict[str, list[Any]]]:
+        """TensorBoard custom-scalars charts: retention, stability-plasticity, geometry, and each
+        budgeted key with its limit line."""
+        import re
+
+        keys = self.measured_keys
+        charts: dict[str, list[Any]] = {}
+        if any(k.startswith("retention/") for k in keys):
+            charts["retention"] = ["Multiline", [r"^retention/"]]
+            charts["delta NLL"] = ["Multiline", [r"^delta_nll/"]]
+        if "sp/stability" in keys:
+            charts["stability & plasticity"] = ["Multiline", [r"^sp/(stability|plasticity)$"]]
+        if "sp/operating_step" in keys:
+            charts["operating point"] = ["Multiline", [r"^sp/operating_(plasticity|stability)$"]]
+            charts["marginal rate & overshoot"] = ["Multiline", [r"^sp/(marginal_rate|overshoot)$"]]
+        if self.geometry is not None:
+            for metric in ("procrustes", "cka", "gram"):
+                charts[f"geometry: {metric}"] = ["Multiline", [rf"^geometry/{metric}/"]]
+        if self.config.spectra.enabled:
+            charts["spectra"] = ["Multiline", [r"^spectral/.*/mean$"]]
+        budgets = {
+            f"{b.label} ({b.action.value})": ["Multiline", [rf"^{re.escape(b.key)}$", rf"^budget/{re.escape(b.label)}$"]]
+            for b in self.config.budgets
+        }
+        layout = {"arena": charts}
+        if budgets:
+            layout["arena budgets"] = budgets
+        return layout
 
     def _log_to_trainer(self, metrics: dict[str, float], state: TrainerState) -> None:
         """Send the scalars through ``Trainer.log`` (every ``report_to`` backend, ``log_history``).
@@ -306,8 +373,14 @@ class ForgettingMonitor(TrainerCallback):
             "baseline": first.to_json()["metrics"],
             "final_step": last.step,
             "final": last.to_json()["metrics"],
+            "trainable_parameters": self._trainable_parameters,
             "config": self.config.model_dump(mode="json"),
         }
+        points = trajectory(self.history.snapshots)
+        if points:
+            op = operating_point(points, self.config.operating_point)
+            assert op is not None
+            summary["operating_point"] = {"step": op.step, "plasticity": op.plasticity, "stability": op.stability}
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False), encoding="utf-8")
@@ -342,6 +415,15 @@ def _model_key_patterns(config: MonitorConfig) -> list[str]:
     if config.spectra.enabled:
         keys.append("spectral/*")
     return keys
+
+
+def _count_trainable(model: torch.nn.Module) -> int:
+    """Trainable parameters, counting DeepSpeed ZeRO-3 partitions at their full size."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            n += int(getattr(p, "ds_numel", 0) or p.numel())
+    return n
 
 
 def _has_adapters(model: torch.nn.Module) -> bool:

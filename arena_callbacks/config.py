@@ -267,12 +267,15 @@ class LoggingConfig(_Frozen):
             ``<output_dir>/runs/arena``).
         log_to_trainer: Also pass the scalars through ``Trainer.log`` so every ``report_to``
             backend and ``state.log_history`` receive them.
+        sp_plane_image: With TensorBoard on, draw the stability-plasticity trajectory as the
+            image ``arena/sp_plane`` at every probe step (about 0.1 s each).
     """
 
     output_dir: str | None = None
     tensorboard: bool = True
     tensorboard_dir: str | None = None
     log_to_trainer: bool = True
+    sp_plane_image: bool = True
 
 
 class MonitorConfig(_Frozen):

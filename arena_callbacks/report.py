@@ -16,10 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .budget import threshold
 from .sp import frontier, frontier_area, operating_point, overshoot_step
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import BudgetConfig
+    from .config import BudgetConfig, OperatingPointConfig
     from .runs import Run
     from .sp import SPPoint
 
@@ -31,6 +32,8 @@ __all__ = [
     "plot_geometry",
     "plot_retention",
     "plot_trajectory",
+    "trajectory_figure",
+    "trajectory_image",
     "recommend_checkpoint",
     "write_report",
 ]
@@ -65,16 +68,12 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 
 
 # --------------------------------------------------------------------------- trajectory
-def plot_trajectory(run: Run, path: str | Path) -> dict[str, Any]:
-    """The (P, S) path with step labels, its frontier and the operating point.
-
-    Returns ``{"steps", "x", "y", "frontier": [SPPoint], "operating_point": SPPoint | None,
-    "overshoot_step": int | None}``.
-    """
-    pts = run.points()
+def trajectory_figure(points: Sequence[SPPoint], config: OperatingPointConfig, title: str) -> tuple[Any, dict[str, Any]]:
+    """The (P, S) figure for ``points`` and the data it shows (see :func:`plot_trajectory`)."""
+    pts = list(points)
     front = list(frontier(pts))
-    op = operating_point(pts, run.config.operating_point)
-    over = overshoot_step(pts, run.config.operating_point)
+    op = operating_point(pts, config)
+    over = overshoot_step(pts, config)
     data = {
         "steps": [p.step for p in pts],
         "x": [p.plasticity for p in pts],
@@ -97,30 +96,44 @@ def plot_trajectory(run: Run, path: str | Path) -> dict[str, Any]:
     if over is not None:
         o = next((p for p in pts if p.step == over), None)
         if o is not None:
-            ax.plot([o.plasticity], [o.stability], "x", ms=10, color="black", label=f"overshoot (step {over})")
+            ax.plot([o.plasticity], [o.stability], "x", ms=10, color="black", label=f"overshoot after step {over}")
     if not pts:
         ax.text(0.5, 0.5, "no sp/plasticity and sp/stability measured", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("plasticity P (target gain)")
     ax.set_ylabel("stability S (retention)")
-    ax.set_title(f"{run.name}: stability-plasticity trajectory")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     if pts:
         ax.legend(fontsize=8)
+    return fig, data
+
+
+def trajectory_image(points: Sequence[SPPoint], config: OperatingPointConfig, title: str) -> Any:
+    """The trajectory figure as an ``H × W × 3`` uint8 array (for TensorBoard's image tab)."""
+    import numpy as np
+
+    fig, _ = trajectory_figure(points, config, title)
+    fig.set_dpi(80)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def plot_trajectory(run: Run, path: str | Path) -> dict[str, Any]:
+    """The (P, S) path with step labels, its frontier and the operating point.
+
+    Returns ``{"steps", "x", "y", "frontier": [SPPoint], "operating_point": SPPoint | None,
+    "overshoot_step": int | None}``.
+    """
+    fig, data = trajectory_figure(run.points(), run.config.operating_point,
+                                  f"{run.name}: stability-plasticity trajectory")
     _save(fig, Path(path))
     return data
 
 
 # --------------------------------------------------------------------------- retention
 def budget_threshold(budget: BudgetConfig, baseline: float) -> float:
-    """The budget's limit in the watched key's own units."""
-    kind, x = budget.limit
-    if kind == "max_drop":
-        return baseline - x
-    if kind == "max_rise":
-        return baseline + x
-    if kind == "max_relative_drop":
-        return baseline - x * abs(baseline)  # baseline·(1−x) for a positive baseline
-    return x  # min_value / max_value
+    """The budget's limit in the watched key's own units (:func:`arena_callbacks.budget.threshold`)."""
+    return threshold(budget, baseline)
 
 
 def plot_retention(run: Run, path: str | Path) -> dict[str, Any]:

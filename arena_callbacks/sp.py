@@ -14,7 +14,8 @@ better".
   looks ahead). Stability lost with no target gain (``ΔP <= 0 < -ΔS``) is an infinite rate; no
   stability lost is rate 0 (no trade made).
 * **Overshoot**: the marginal rate stays above ``exchange_rate`` for ``overshoot_patience``
-  consecutive probe points. The overshoot step is the point *after which* that run of rates
+  consecutive probe points, counted only once the smoothed plasticity has risen above its start
+  (a run that has learned nothing yet has no best point to go past). The overshoot step is the point *after which* that run of rates
   starts: the last point before the trajectory started paying too much stability per unit of
   target gain.
 
@@ -178,7 +179,11 @@ def overshoot(points: Sequence[SPPoint], config: OperatingPointConfig | None = N
     cfg = config or OperatingPointConfig()
     rates = marginal_rates(points, cfg.smoothing)
     k = cfg.overshoot_patience
-    above = [r is not None and r > cfg.exchange_rate for r in rates]
+    # Nothing learned yet, nothing to overshoot: rates count only once the smoothed target
+    # has risen above where it started (an early stability dip before any gain is not one).
+    ps = smooth([p.plasticity for p in points], cfg.smoothing)
+    gained = [any(x > ps[0] + _EPS for x in ps[: i + 1]) for i in range(len(ps))]
+    above = [r is not None and r > cfg.exchange_rate and g for r, g in zip(rates, gained)]
     first: int | None = None
     streak = 0
     for i, a in enumerate(above):

@@ -54,6 +54,14 @@ class ScalarWriter:
     def text(self, tag: str, text: str, step: int) -> None:
         self._guard(lambda w: w.add_text(tag, text, step))
 
+    def image(self, tag: str, image: Any, step: int) -> None:
+        """An ``H × W × 3|4`` uint8 array."""
+        self._guard(lambda w: w.add_image(tag, image, step, dataformats="HWC"))
+
+    def custom_scalars(self, layout: dict[str, dict[str, list[Any]]]) -> None:
+        """TensorBoard's custom-scalars layout: ``{category: {chart: ["Multiline", [tag regexes]]}}``."""
+        self._guard(lambda w: w.add_custom_scalars(layout))
+
     def flush(self) -> None:
         self._guard(lambda w: w.flush())
 

@@ -177,3 +177,12 @@ def test_sp_metrics_keys_and_values():
     assert "sp/marginal_rate" not in m0 and "sp/overshoot_step" not in m0
     assert m0["sp/overshoot"] == 0.0 and m0["sp/operating_step"] == 0
     assert sp_metrics([], cfg) == {}
+
+
+def test_no_overshoot_before_any_target_gain():
+    # Stability falls while the (discrete) target score has not moved yet: no best point to pass.
+    p = pts((0, 0.0, 1.0), (2, 0.0, 0.9), (4, 0.0, 0.8), (6, 1.0, 0.75), (8, 1.0, 0.7), (10, 1.0, 0.6))
+    cfg = OperatingPointConfig(smoothing=1, overshoot_patience=2, exchange_rate=1.0)
+    assert marginal_rates(p, 1)[1:3] == [math.inf, math.inf]
+    assert overshoot(p[:4], cfg) == (None, False)
+    assert overshoot(p, cfg) == (6, True)  # after the gain, stability lost for nothing
