@@ -9,13 +9,16 @@ from .config import (
     GeometryConfig,
     LoggingConfig,
     MonitorConfig,
+    OperatingPointConfig,
     ProbeSettings,
+    RewindConfig,
     SpectraConfig,
 )
 from .exceptions import ArenaError, BudgetKeyError, ProbeDataError
 from .history import read_history
 from .measurements import Snapshot
 from .probes import Probe, ProbeFailure, ProbeResult, ProbeRunner, ProbeSet
+from .runs import Run, load_run
 
 __version__ = "0.1.0"
 
@@ -31,6 +34,7 @@ __all__ = [
     "GeometryConfig",
     "LoggingConfig",
     "MonitorConfig",
+    "OperatingPointConfig",
     "Probe",
     "ProbeDataError",
     "ProbeFailure",
@@ -39,9 +43,12 @@ __all__ = [
     "ProbeSet",
     "ProbeSettings",
     "Reason",
+    "RewindConfig",
+    "Run",
     "Snapshot",
     "SpectraConfig",
     "__version__",
     "evaluate_budgets",
+    "load_run",
     "read_history",
 ]

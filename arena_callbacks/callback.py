@@ -6,6 +6,7 @@ snapshot → budget evaluation (pure) → decision agreed by all ranks → log /
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import inspect
 import json
@@ -20,13 +21,25 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .capture import GeometryTracker
 from .budget import Decision, check_limit, evaluate_budgets, threshold
-from .config import MonitorConfig
+from .config import Action, MonitorConfig
 from .distributed import DistContext, current_context
 from .exceptions import BudgetKeyError, ProbeDataError
 from .history import HISTORY_FILE, History
 from .measurements import TARGET, Snapshot, build_snapshot, expected_keys
 from .probes import ProbeFailure, ProbeResult, ProbeRunner, ProbeSet
-from .sp import operating_point, trajectory, sp_metrics
+from .rewind import (
+    Slot,
+    alphas_for,
+    capture_state,
+    interpolate,
+    is_finite_state,
+    load_state,
+    load_state_file,
+    path_rules,
+    save_state_file,
+    state_bytes,
+)
+from .sp import SPPoint, operating_point, sp_metrics, trajectory
 from .tensorboard import ScalarWriter, resolve_tensorboard_dir
 
 __all__ = ["ForgettingMonitor"]
@@ -34,6 +47,10 @@ __all__ = ["ForgettingMonitor"]
 logger = logging.getLogger("arena_callbacks")
 
 SUMMARY_FILE = "summary.json"
+#: The monitor's state inside each trainer checkpoint (restored on resume).
+STATE_FILE = "arena_state.json"
+PROBES_FILE = "probes.json"
+STATE_VERSION = 1
 
 
 class ForgettingMonitor(TrainerCallback):
@@ -101,6 +118,14 @@ class ForgettingMonitor(TrainerCallback):
         self._writer: ScalarWriter | None = None
         self._last_probe_step = -1
         self._trainable_parameters: int | None = None
+        self.base_model_path: str | None = None
+        # Rewinding.
+        self.rewinds: list[dict[str, Any]] = []
+        self._rewind_on = any(b.action is Action.REWIND for b in self.config.budgets)
+        self._best: Slot | None = None  # best in-budget trainable state
+        self._theta0: Slot | None = None  # step-0 trainable state (path rewinds)
+        self._best_metrics: dict[str, float] = {}
+        self.resumed_from: Path | None = None
 
     def _check_budget_keys(self, measured: list[str]) -> None:
         for i, budget in enumerate(self.config.budgets):
@@ -122,6 +147,7 @@ class ForgettingMonitor(TrainerCallback):
         self._trainer = _find_trainer()
         model = kwargs["model"]
         self._trainable_parameters = _count_trainable(model)
+        self.base_model_path = _base_model_path(model)
         if self.geometry is not None or self.config.spectra.enabled:
             self._setup_model_measurements(model)
         self.output_dir = Path(self.config.logging.output_dir or os.path.join(args.output_dir, "arena"))
@@ -132,10 +158,19 @@ class ForgettingMonitor(TrainerCallback):
             tb_dir = resolve_tensorboard_dir(self.config.logging.tensorboard_dir, self._trainer, args.output_dir)
             self._writer = ScalarWriter(tb_dir)
             self._writer.custom_scalars(self._custom_scalars_layout())
+        if self._rewind_on:
+            self._setup_rewind(model)
+        if self._ctx.is_main:
+            self._save_probes()
         if state.global_step > 0:
+            ckpt = _resume_checkpoint(args, state)
+            if ckpt is not None and (ckpt / STATE_FILE).is_file():
+                self._restore_state(ckpt, model)
+                return
             logger.warning(
-                "arena-callbacks: training resumes at step %d; the baseline is measured now, not at step 0",
-                state.global_step,
+                "arena-callbacks: training resumes at step %d without monitor state (%s has no %s); the baseline "
+                "is measured now, not at step 0",
+                state.global_step, ckpt, STATE_FILE,
             )
         self._measure_baseline(model, state)
 
@@ -152,6 +187,15 @@ class ForgettingMonitor(TrainerCallback):
         if self.config.cadence.on_evaluate:
             self._probe(kwargs["model"], state, control, trigger="evaluate")
 
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not ckpt.is_dir():
+            logger.warning("arena-callbacks: checkpoint folder %s not found; monitor state not saved with it", ckpt)
+            return
+        self._save_state(ckpt)
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -161,6 +205,278 @@ class ForgettingMonitor(TrainerCallback):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    # ------------------------------------------------------------------ rewinding
+
+    def _setup_rewind(self, model: torch.nn.Module) -> None:
+        """Refuse what cannot be rewound, and decide where kept states live (at train start)."""
+        from .rewind import trainable_parameters
+
+        params = trainable_parameters(model)
+        if any(hasattr(p, "ds_id") for p in params.values()):
+            raise ValueError(
+                "budgets: action 'rewind' cannot restore weights in place under DeepSpeed ZeRO-3 (parameters are "
+                "partitioned outside the model); use ZeRO-2, DDP or FSDP2, or action 'stop' and rewind the saved "
+                "run afterwards with `arena-callbacks rewind <output_dir>`"
+            )
+        if not params:
+            raise ValueError("budgets: action 'rewind' needs trainable parameters, and the model has none")
+        cfg = self.config.rewind
+        assert self.output_dir is not None
+        size_mb = sum(p.numel() * p.element_size() for p in params.values()) / 2**20
+        in_memory = cfg.storage == "memory" or (cfg.storage == "auto" and size_mb <= cfg.max_memory_mb)
+        folder = self.output_dir / "rewind"
+        rank = self._ctx.rank
+        self._best = Slot(folder / f"best-rank{rank}.safetensors", in_memory)
+        self._theta0 = (
+            Slot(folder / f"theta0-rank{rank}.safetensors", in_memory) if cfg.mode in ("path", "layerwise") else None
+        )
+        logger.info(
+            "arena-callbacks: rewind keeps %.1f MB of trainable state per kept point %s",
+            size_mb, "in CPU memory" if in_memory else f"in {folder}",
+        )
+
+    def _in_budget(self, metrics: dict[str, float]) -> bool:
+        """No stopping or rewinding budget is in breach at these metrics (log budgets do not count)."""
+        base = self.history.snapshots[0].metrics if self.history.snapshots else metrics
+        for b in self.config.budgets:
+            if b.action.severity < Action.STOP.severity or b.key not in metrics:
+                continue
+            if check_limit(b, metrics[b.key], base.get(b.key, float("nan"))):
+                return False
+        return True
+
+    def _offer_best(self, model: torch.nn.Module, snapshot: Snapshot) -> None:
+        """Keep the trainable state of ``snapshot`` when it is the best in-budget point so far."""
+        if self._best is None:
+            return
+        is_baseline = snapshot.trigger == "baseline"
+        if not is_baseline and not self._in_budget(snapshot.metrics):
+            return
+        if self._best.filled and not self._better_than_best(snapshot):
+            return
+        kept = capture_state(model)
+        if self._ctx.any(not is_finite_state(kept)):
+            logger.warning("arena-callbacks: not keeping the state of step %d for rewinds: non-finite weights",
+                           snapshot.step)
+            return
+        try:
+            self._best.put(kept, snapshot.step)
+        except OSError as e:
+            logger.warning("arena-callbacks: could not keep the state of step %d for rewinds (%s)", snapshot.step, e)
+            return
+        self._best_metrics = dict(snapshot.metrics)
+
+    def _better_than_best(self, snapshot: Snapshot) -> bool:
+        new = trajectory([snapshot])
+        old = trajectory([Snapshot(self._best.step or 0, self._best_metrics)]) if self._best_metrics else []
+        if not new or not old:
+            return True  # no plasticity measured: the latest in-budget state is the best one
+        return operating_point([old[0], new[0]], self.config.operating_point) == new[0] and new[0] != old[0]
+
+    def _rewind(
+        self, model: torch.nn.Module, state: TrainerState, control: TrainerControl, decision: Decision,
+        breach: Snapshot,
+    ) -> None:
+        """Carry out a ``rewind`` decision on every rank; the model, the logs and the kept state then agree."""
+        cfg = self.config.rewind
+        assert self._best is not None and self.baseline_results is not None
+        mode = cfg.mode
+        info: dict[str, Any] = {"number": len(self.rewinds) + 1, "at_step": state.global_step, "mode": mode,
+                                "reason": decision.message}
+        theta1 = capture_state(model) if mode != "checkpoint" else None
+        if theta1 is not None and self._ctx.any(not is_finite_state(theta1)):
+            logger.warning("arena-callbacks: the weights at step %d are not finite; rewinding to the best kept state "
+                           "instead of along the path", state.global_step)
+            mode, theta1 = "checkpoint", None
+            info["fallback"] = "non-finite weights: checkpoint rewind"
+        try:
+            if mode == "checkpoint":
+                load_state(model, self._best.get())
+                results, seconds, extra = self._run_probes(model, state, desc="arena rewind check", spectra=False)
+                metrics = {**self._metrics(results, seconds), **extra}
+                info["restored_step"] = self._best.step
+            else:
+                metrics, alpha, candidates = self._path_search(model, state, theta1, breach, layerwise=mode == "layerwise")
+                info["alpha"] = alpha
+                info["candidates"] = candidates
+        except ProbeFailure as e:
+            # The model may hold a candidate state now: put the best kept state back and stop.
+            logger.warning("arena-callbacks: rewind probing failed (%s); restoring the best kept state and stopping", e)
+            load_state(model, self._best.get())
+            metrics = dict(self._best_metrics)
+            info.update(mode="checkpoint", restored_step=self._best.step, fallback=f"probe failure: {e}")
+        metrics = self._with_sp(state.global_step, metrics)
+        info["before"] = _sp_pair(breach.metrics)
+        info["after"] = _sp_pair(metrics)
+        then = "stop" if cfg.then == "stop" or info["number"] >= cfg.max_rewinds else "continue"
+        info["then"] = then
+        self.rewinds.append(info)
+        snapshot = Snapshot(state.global_step, metrics, state.epoch, trigger="rewind", extra={"rewind": info})
+        self._record(snapshot, None, state)
+        self._offer_best(model, snapshot)
+        message = _rewind_message(info, cfg.lr_factor)
+        if self._ctx.is_main:
+            logger.warning("arena-callbacks: %s", message)
+        if self._writer is not None:
+            self._writer.text("arena/rewinds", message, state.global_step)
+            rewind_scalars = {"rewind/count": float(len(self.rewinds))}
+            if "alpha" in info:
+                rewind_scalars["rewind/alpha"] = float(info["alpha"])
+            self._writer.scalars(rewind_scalars, state.global_step)
+            self._writer.flush()
+        if then == "continue":
+            self._continue_after_rewind()
+        else:
+            control.should_training_stop = True
+            if self.stop_decision is None:
+                self.stop_decision = decision
+        save = getattr(getattr(self._trainer, "args", None), "save_strategy", "no")
+        if getattr(save, "value", save) != "no":
+            control.should_save = True  # the newest checkpoint holds what was loaded
+
+    def _path_search(
+        self, model: torch.nn.Module, state: TrainerState, theta1: dict[str, torch.Tensor], breach: Snapshot,
+        layerwise: bool,
+    ) -> tuple[dict[str, float], float, list[dict[str, Any]]]:
+        """Probe ``α`` values on the path from the pretrained weights; load and return the one the rule picks.
+
+        Candidates, in path order: the pretrained model (uniform ``α = 0``, its metrics are the
+        baseline's), each configured ``α`` (layer-wise also ``α = 0``: shallow layers fully back,
+        the last block kept), and the current model (``α = 1``, the breach's metrics).
+        """
+        assert self._theta0 is not None
+        theta0 = self._theta0.get()
+        rules = path_rules(theta0)
+        names = list(theta1)
+        probed = sorted({*self.config.rewind.alphas, *([0.0] if layerwise else [])})
+        # (alpha, layer-wise?, metrics); the pretrained end is uniform whatever the mode.
+        measured: list[tuple[float, bool, dict[str, float]]] = [(0.0, False, dict(self.history.snapshots[0].metrics))]
+        for a in probed:
+            load_state(model, interpolate(theta0, theta1, alphas_for(names, a, layerwise), rules))
+            results, seconds, extra = self._run_probes(model, state, desc=f"arena rewind α={a:g}", spectra=False)
+            measured.append((a, layerwise, {**self._metrics(results, seconds), **extra}))
+        measured.append((1.0, False, dict(breach.metrics)))
+        ok = [c for i, c in enumerate(measured) if i == 0 or self._in_budget(c[2])]
+        points = [SPPoint(i, m["sp/plasticity"], m["sp/stability"]) for i, (_, _, m) in enumerate(ok)
+                  if "sp/plasticity" in m and "sp/stability" in m]
+        if len(points) == len(ok):
+            best = operating_point(points, self.config.operating_point)
+            assert best is not None
+            alpha, lw, metrics = ok[best.step]
+        else:  # no plasticity: the furthest point along the path that is still in budget
+            alpha, lw, metrics = ok[-1]
+        load_state(model, interpolate(theta0, theta1, alphas_for(names, alpha, lw), rules))
+        candidates = [
+            {"alpha": a, "layerwise": w, **_sp_pair(m), "in_budget": i == 0 or self._in_budget(m),
+             "chosen": (a, w) == (alpha, lw)}
+            for i, (a, w, m) in enumerate(measured)
+        ]
+        return metrics, alpha, candidates
+
+    def _continue_after_rewind(self) -> None:
+        """Lower the learning rate and drop the optimizer's moments (they belong to the abandoned path)."""
+        factor = self.config.rewind.lr_factor
+        trainer = self._trainer
+        if trainer is None or trainer.optimizer is None:
+            logger.warning("arena-callbacks: no trainer optimizer found; learning rate and optimizer state unchanged")
+            return
+        inner = trainer.optimizer
+        while hasattr(inner, "optimizer") and inner.optimizer is not inner:
+            inner = inner.optimizer
+        for group in inner.param_groups:
+            group["lr"] = group["lr"] * factor
+        inner.state.clear()
+        scheduler = getattr(trainer, "lr_scheduler", None)
+        if scheduler is not None and hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+
+    # ------------------------------------------------------------------ saved state
+
+    def _save_probes(self) -> None:
+        """The probe rows used, so a finished run can be probed again (``arena-callbacks rewind``)."""
+        if self.output_dir is None:
+            return
+        data = {n: {"kind": p.kind, "signal": p.signal, "rows": p.rows} for n, p in self.runner.probes.items()}
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / PROBES_FILE).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        except (OSError, TypeError, ValueError) as e:
+            logger.warning("arena-callbacks: could not save the probe rows to %s (%s); post-hoc rewinds will need "
+                           "them again", self.output_dir / PROBES_FILE, e)
+
+    def _save_state(self, ckpt: Path) -> None:
+        """Everything a resumed run needs, written into the trainer's checkpoint folder (every rank its tensors)."""
+        if self.baseline_results is None:
+            return
+        rank = self._ctx.rank
+        try:
+            for slot, name in ((self._best, "best"), (self._theta0, "theta0")):
+                if slot is not None and slot.filled:
+                    slot.export(ckpt / f"arena_{name}-rank{rank}.safetensors")
+            if self._ctx.is_main:
+                if self.geometry is not None and self.geometry.cache is not None:
+                    save_state_file(self.geometry.cache, ckpt / "arena_geometry_reference.safetensors")
+                if self._spectra_reference is not None:
+                    save_state_file(self._spectra_reference, ckpt / "arena_spectra_reference.safetensors")
+                records = [
+                    {**snap.to_json(), **({"decision": dec} if dec else {})}
+                    for snap, dec in zip(self.history.snapshots, self.history.decisions)
+                ]
+                state = {
+                    "version": STATE_VERSION,
+                    "baseline_results": {n: dataclasses.asdict(r) for n, r in self.baseline_results.items()},
+                    "history": records,
+                    "rewinds": self.rewinds,
+                    "last_probe_step": self._last_probe_step,
+                    "best": {"step": self._best.step, "metrics": _json_metrics(self._best_metrics)}
+                    if self._best is not None and self._best.filled else None,
+                    "theta0_step": self._theta0.step if self._theta0 is not None else None,
+                    "config": self.config.model_dump(mode="json"),
+                }
+                tmp = ckpt / (STATE_FILE + ".tmp")
+                tmp.write_text(json.dumps(state, ensure_ascii=False, allow_nan=False), encoding="utf-8")
+                tmp.replace(ckpt / STATE_FILE)
+        except (OSError, ValueError, TypeError) as e:
+            logger.warning("arena-callbacks: could not save the monitor state into %s (%s); a resume from it will "
+                           "measure a new baseline", ckpt, e)
+
+    def _restore_state(self, ckpt: Path, model: torch.nn.Module) -> None:
+        """Take the monitor back to what it was when ``ckpt`` was saved (no baseline is measured)."""
+        data = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"{ckpt / STATE_FILE}: monitor state version {data.get('version')} is not "
+                             f"{STATE_VERSION}; resume without it by removing the file")
+        names = set(data["baseline_results"])
+        if names != set(self.runner.probes):
+            raise ValueError(
+                f"resume from {ckpt}: the checkpoint's probes {sorted(names)} differ from this monitor's "
+                f"{sorted(self.runner.probes)}; give the same probes, or remove {STATE_FILE} to start a new baseline"
+            )
+        self.baseline_results = {n: ProbeResult(**r) for n, r in data["baseline_results"].items()}
+        self.history.restore(data["history"])
+        self.rewinds = list(data.get("rewinds", []))
+        self._last_probe_step = int(data.get("last_probe_step", -1))
+        rank = self._ctx.rank
+        best = data.get("best")
+        if self._best is not None and best is not None:
+            self._best.restore(ckpt / f"arena_best-rank{rank}.safetensors", int(best["step"]))
+            self._best_metrics = {k: float(v) for k, v in best["metrics"].items()}
+        if self._theta0 is not None:
+            path = ckpt / f"arena_theta0-rank{rank}.safetensors"
+            if not path.is_file():
+                raise ValueError(f"resume from {ckpt}: rewind.mode {self.config.rewind.mode!r} needs the step-0 "
+                                 f"state {path.name}, which the checkpoint does not hold (was the mode changed?)")
+            self._theta0.restore(path, int(data.get("theta0_step") or 0))
+        if self.geometry is not None and (ckpt / "arena_geometry_reference.safetensors").is_file():
+            cache = load_state_file(ckpt / "arena_geometry_reference.safetensors")
+            self.geometry.cache = cache
+            self.geometry.cache_mb = state_bytes(cache) / 2**20
+        if self.config.spectra.enabled and (ckpt / "arena_spectra_reference.safetensors").is_file():
+            self._spectra_reference = load_state_file(ckpt / "arena_spectra_reference.safetensors")
+        self.resumed_from = ckpt
+        logger.info("arena-callbacks: monitor state restored from %s (%d probe steps, baseline kept)",
+                    ckpt, len(self.history))
 
     # ------------------------------------------------------------------ internals
 
@@ -179,9 +495,15 @@ class ForgettingMonitor(TrainerCallback):
                     budget.label, budget.key, value, budget.min_step, budget.patience,
                 )
         self._record(snapshot, None, state)
+        if self._theta0 is not None:
+            theta0 = capture_state(model)
+            if self._ctx.any(not is_finite_state(theta0)):
+                raise ValueError("rewind: the model's trainable parameters hold NaN or infinite values at train start")
+            self._theta0.put(theta0, state.global_step)
+        self._offer_best(model, snapshot)
 
     def _run_probes(
-        self, model: torch.nn.Module, state: TrainerState, desc: str, baseline: bool = False
+        self, model: torch.nn.Module, state: TrainerState, desc: str, baseline: bool = False, spectra: bool = True
     ) -> tuple[dict[str, ProbeResult], float, dict[str, float]]:
         start = time.perf_counter()
         extra: dict[str, float] = {}
@@ -191,13 +513,13 @@ class ForgettingMonitor(TrainerCallback):
             extra.update(self.geometry.measure(model, self._ctx, baseline=baseline))
         else:
             results = self.runner.run(model, self._ctx, desc=desc)
-        spectra = self.config.spectra
-        if spectra.enabled and (baseline or state.global_step % spectra.every_n_steps == 0):
+        sc = self.config.spectra
+        if spectra and sc.enabled and (baseline or state.global_step % sc.every_n_steps == 0):
             from .spectra import aggregate_spectra, weight_spectra
 
             per_layer = weight_spectra(
                 getattr(model, "module", model), reference=self._spectra_reference, names=self._spectra_names,
-                k=spectra.top_k, eps=spectra.intruder_threshold, cache=self._spectra_cache,
+                k=sc.top_k, eps=sc.intruder_threshold, cache=self._spectra_cache,
             )
             extra.update(aggregate_spectra(per_layer))
         # Rank 0's wall time, shared so every rank holds the same snapshot.
@@ -270,8 +592,13 @@ class ForgettingMonitor(TrainerCallback):
         # Decisions are computed from all-reduced numbers, so they agree; still, stop every
         # rank if any rank says stop (a diverged rank must never keep others training).
         stop = self._ctx.any(decision.should_stop)
+        rewind = self._ctx.any(decision.action is Action.REWIND)
         self.last_decision = decision
         self._record(snapshot, decision, state)
+        if rewind:
+            self._rewind(model, state, control, decision, snapshot)
+            return
+        self._offer_best(model, snapshot)
         if stop:
             control.should_training_stop = True
             if self.stop_decision is None and decision.should_stop:
@@ -374,6 +701,8 @@ class ForgettingMonitor(TrainerCallback):
             "final_step": last.step,
             "final": last.to_json()["metrics"],
             "trainable_parameters": self._trainable_parameters,
+            "base_model": self.base_model_path,
+            "rewinds": self.rewinds,
             "config": self.config.model_dump(mode="json"),
         }
         points = trajectory(self.history.snapshots)
@@ -415,6 +744,61 @@ def _model_key_patterns(config: MonitorConfig) -> list[str]:
     if config.spectra.enabled:
         keys.append("spectral/*")
     return keys
+
+
+def _sp_pair(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {"plasticity": metrics.get("sp/plasticity"), "stability": metrics.get("sp/stability")}
+
+
+def _json_metrics(metrics: dict[str, float]) -> dict[str, Any]:
+    import math
+
+    return {k: v if math.isfinite(v) else str(v) for k, v in metrics.items()}
+
+
+def _fmt_pair(pair: dict[str, Any]) -> str:
+    p, q = pair.get("plasticity"), pair.get("stability")
+    return f"P={p:.3f}, S={q:.3f}" if p is not None and q is not None else (f"S={q:.3f}" if q is not None else "-")
+
+
+def _rewind_message(info: dict[str, Any], lr_factor: float) -> str:
+    if "alpha" in info:
+        what = f"rewound along the path ({info['mode']}) to α={info['alpha']:g}"
+    else:
+        what = f"rewound to the state of step {info.get('restored_step')}"
+    then = "stopping" if info["then"] == "stop" else f"continuing with the learning rate ×{lr_factor:g}"
+    return (f"rewind {info['number']} at step {info['at_step']}: {what} "
+            f"({_fmt_pair(info['before'])} → {_fmt_pair(info['after'])}); {then}")
+
+
+def _resume_checkpoint(args: TrainingArguments, state: TrainerState) -> Path | None:
+    """The folder ``trainer.train(resume_from_checkpoint=...)`` is resuming from."""
+    frame = inspect.currentframe()
+    try:
+        for _ in range(24):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                break
+            value = frame.f_locals.get("resume_from_checkpoint")
+            if isinstance(value, (str, os.PathLike)) and os.path.isdir(value):
+                return Path(value)
+    finally:
+        del frame
+    guess = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    return guess if guess.is_dir() else None
+
+
+def _base_model_path(model: torch.nn.Module) -> str | None:
+    """Where the pretrained weights came from, for post-hoc rewinds (``None`` if unknown)."""
+    base = getattr(model, "module", model)
+    peft_config = getattr(base, "peft_config", None)
+    if isinstance(peft_config, dict):
+        for cfg in peft_config.values():
+            path = getattr(cfg, "base_model_name_or_path", None)
+            if path:
+                return str(path)
+    path = getattr(getattr(base, "config", None), "_name_or_path", None)
+    return str(path) if path else None
 
 
 def _count_trainable(model: torch.nn.Module) -> int:

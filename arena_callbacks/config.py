@@ -54,9 +54,8 @@ class Action(str, Enum):
         return {Action.LOG: 0, Action.STOP: 1, Action.REWIND: 2}[self]
 
 
-#: Actions this version can carry out. ``rewind`` is part of the vocabulary (so configs
-#: written for it parse and are refused with a clear message) but is not implemented yet.
-IMPLEMENTED_ACTIONS = frozenset({Action.LOG, Action.STOP})
+#: Actions this version can carry out.
+IMPLEMENTED_ACTIONS = frozenset({Action.LOG, Action.STOP, Action.REWIND})
 
 
 class CadenceConfig(_Frozen):
@@ -127,7 +126,7 @@ class BudgetConfig(_Frozen):
         name: Label used in messages (defaults to the key).
         patience: Consecutive probe steps in breach before the action fires.
         min_step: Breaches before this global step are ignored.
-        action: ``log``, ``stop`` (or ``rewind`` once it exists).
+        action: ``log``, ``stop`` or ``rewind`` (what ``rewind`` does: the ``rewind`` section).
     """
 
     key: str
@@ -255,6 +254,45 @@ class OperatingPointConfig(_Frozen):
     smoothing: int = Field(default=3, ge=1)
 
 
+class RewindConfig(_Frozen):
+    """What a ``rewind`` action does (DESIGN.md §5).
+
+    Attributes:
+        mode: ``checkpoint`` restores the best in-budget state seen so far (by the operating-point
+            rule; without a target probe, the latest in-budget one); ``path`` moves back along the
+            path from the pretrained weights, ``W0 + α·ΔW`` (OFT: generator scaling), picking ``α``
+            from ``alphas`` by probing; ``layerwise`` does the same with ``α_l = α + (1 − α)·depth``
+            per layer.
+        then: After the rewind, ``stop`` training or ``continue`` it with the learning rate times
+            ``lr_factor`` and fresh optimizer moments.
+        max_rewinds: With ``then: continue``, rewinds allowed; the next rewind also stops.
+        lr_factor: Learning-rate multiplier applied at each continued rewind.
+        alphas: Interior ``α`` values probed by ``path``/``layerwise`` (``0`` and ``1`` are known
+            already: the baseline and the current point).
+        storage: Where the best in-budget state is kept: ``memory`` (CPU), ``disk`` (the monitor's
+            own folder, out of reach of ``save_total_limit``), or ``auto``: memory up to
+            ``max_memory_mb``, else disk.
+        max_memory_mb: Largest state kept in memory with ``storage: auto``.
+    """
+
+    mode: Literal["checkpoint", "path", "layerwise"] = "checkpoint"
+    then: Literal["stop", "continue"] = "stop"
+    max_rewinds: int = Field(default=2, ge=1)
+    lr_factor: float = Field(default=0.5, gt=0, le=1)
+    alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
+    storage: Literal["auto", "memory", "disk"] = "auto"
+    max_memory_mb: float = Field(default=1024.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_alphas(self) -> RewindConfig:
+        bad = [a for a in self.alphas if not 0.0 < a < 1.0]
+        if bad or not self.alphas:
+            raise ValueError(
+                f"alphas: each must lie strictly between 0 and 1 (0 and 1 are measured anyway), got {list(self.alphas)}"
+            )
+        return self
+
+
 class LoggingConfig(_Frozen):
     """Where results go.
 
@@ -290,6 +328,7 @@ class MonitorConfig(_Frozen):
         operating_point: Operating-point rule and overshoot detection (``sp/*`` keys).
         geometry: Activation geometry (``geometry/*`` keys).
         spectra: Weight-space spectra (``spectral/*`` keys).
+        rewind: What the ``rewind`` action does.
         logging: Output locations.
 
     Example:
@@ -305,6 +344,7 @@ class MonitorConfig(_Frozen):
     operating_point: OperatingPointConfig = OperatingPointConfig()
     geometry: GeometryConfig = GeometryConfig()
     spectra: SpectraConfig = SpectraConfig()
+    rewind: RewindConfig = RewindConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @model_validator(mode="after")

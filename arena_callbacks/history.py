@@ -51,6 +51,29 @@ class History:
         except OSError as e:
             self._report(e)
 
+    def restore(self, records: list[dict[str, Any]]) -> None:
+        """Replace the history by saved records (snapshot JSON with its ``decision``) and rewrite the file."""
+        self.snapshots, self.decisions = [], []
+        for r in records:
+            r = dict(r)
+            decision = r.pop("decision", None)
+            self.snapshots.append(Snapshot.from_json(r))
+            self.decisions.append(decision or {})
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with tmp.open("w", encoding="utf-8") as f:
+                for snap, dec in zip(self.snapshots, self.decisions):
+                    record = snap.to_json()
+                    if dec:
+                        record["decision"] = dec
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            tmp.replace(self.path)
+        except OSError as e:
+            self._report(e)
+
     def append(self, snapshot: Snapshot, decision: Decision | None) -> None:
         self.snapshots.append(snapshot)
         record = snapshot.to_json()

@@ -71,11 +71,17 @@ def test_budget_key_must_be_namespaced():
     assert "'retention' is not a namespaced metric key" in str(e.value)
 
 
-def test_rewind_is_in_the_vocabulary_but_refused_for_now():
-    assert Action("rewind") is Action.REWIND
+def test_rewind_action_and_section():
+    assert BudgetConfig(key="retention/x", max_drop=0.1, action="rewind").action is Action.REWIND
+    cfg = MonitorConfig.from_dict({"rewind": {"mode": "path", "then": "continue", "alphas": [0.3, 0.6]}})
+    assert cfg.rewind.mode == "path" and cfg.rewind.alphas == (0.3, 0.6) and cfg.rewind.lr_factor == 0.5
     with pytest.raises(ValidationError) as e:
-        BudgetConfig(key="retention/x", max_drop=0.1, action="rewind")
-    assert "'rewind' is not available in this version; use one of ['log', 'stop']" in str(e.value)
+        MonitorConfig.from_dict({"rewind": {"alphas": [0.5, 1.0]}})
+    assert "alphas: each must lie strictly between 0 and 1" in str(e.value) and "[0.5, 1.0]" in str(e.value)
+    with pytest.raises(ValidationError, match="lr_factor"):
+        MonitorConfig.from_dict({"rewind": {"lr_factor": 0}})
+    with pytest.raises(ValidationError, match="mode"):
+        MonitorConfig.from_dict({"rewind": {"mode": "sideways"}})
 
 
 def test_budget_labels_unique():

@@ -1,0 +1,252 @@
+"""Rewinding (DESIGN.md §5): trainable states kept aside, and the path from the pretrained weights.
+
+A *trainable state* is ``{parameter name: CPU tensor}`` for the parameters that train
+(``requires_grad``): the adapter for PEFT models, every weight for full finetuning. Under FSDP2
+each rank keeps its own shard (the local tensor of a ``DTensor``) and restores it in place, so
+no gather is needed.
+
+The **path** from the pretrained weights ``θ0`` (the trainable state at step 0) to the current
+``θ1`` is followed per parameter:
+
+* ``lerp``: ``θ(α) = θ0 + α(θ1 − θ0)``: full finetuning (``W0 + αΔW``), OFT (its generator
+  starts at zero, so this scales the skew-symmetric generator ``Q`` and ``R = Cayley(αQ)``
+  stays orthogonal), DoRA magnitudes, biases, IA³ vectors, anything else;
+* ``scale``: a LoRA ``B`` that started at zero: ``B(α) = α·B1`` with its partner ``A`` kept at
+  ``A1`` (``keep``), which gives exactly ``W0 + α·s·B1A1``. A LoRA pair with a non-zero
+  initial ``B`` (PiSSA, OLoRA...) falls back to ``lerp`` on both factors: exact at both ends,
+  not linear in between.
+
+``α = 0`` gives the pretrained model exactly, ``α = 1`` the current one. The layer-wise
+variant (after LiNeS) gives each parameter its own ``α_l = α + (1 − α)·depth_l``: embeddings
+(depth 0) move back the most, the last block and the head (depth 1) not at all.
+
+Example:
+    >>> import torch
+    >>> t0 = {"w": torch.zeros(2), "layers.0.lora_B.default.weight": torch.zeros(2, 1),
+    ...       "layers.0.lora_A.default.weight": torch.ones(1, 2)}
+    >>> t1 = {"w": torch.ones(2), "layers.0.lora_B.default.weight": torch.ones(2, 1),
+    ...       "layers.0.lora_A.default.weight": torch.full((1, 2), 3.0)}
+    >>> half = interpolate(t0, t1, 0.5, path_rules(t0))
+    >>> half["w"].tolist(), half["layers.0.lora_B.default.weight"].flatten().tolist()
+    ([0.5, 0.5], [0.5, 0.5])
+    >>> half["layers.0.lora_A.default.weight"].flatten().tolist()
+    [3.0, 3.0]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "PathRule",
+    "Slot",
+    "capture_state",
+    "interpolate",
+    "is_finite_state",
+    "layer_depths",
+    "layerwise_alphas",
+    "load_state",
+    "load_state_file",
+    "path_rules",
+    "save_state_file",
+    "state_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+PathRule = Literal["lerp", "scale", "keep"]
+State = dict[str, torch.Tensor]
+
+_LORA_B = re.compile(r"(lora_B|lora_embedding_B)")
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
+_EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings)")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local tensor of a ``DTensor`` (FSDP2), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train, by name (the wrapper's ``module.`` prefix removed)."""
+    base = getattr(model, "module", model)
+    return {n: p for n, p in base.named_parameters() if p.requires_grad}
+
+
+def capture_state(model: torch.nn.Module, names: Sequence[str] | None = None) -> State:
+    """CPU copies of the trainable parameters (this rank's shard under FSDP2)."""
+    params = trainable_parameters(model)
+    keep = params if names is None else {n: params[n] for n in names}
+    with torch.no_grad():
+        return {n: _local(p.detach()).to("cpu", copy=True) for n, p in keep.items()}
+
+
+def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's trainable parameters in place (same names, shapes).
+
+    Raises:
+        ValueError: names or shapes differ from the model's trainable parameters; nothing is
+            changed then.
+    """
+    params = trainable_parameters(model)
+    missing = sorted(set(params) - set(state))
+    unknown = sorted(set(state) - set(params))
+    if missing or unknown:
+        raise ValueError(
+            f"rewind state does not match the model's trainable parameters: missing {missing[:3]}"
+            f"{'...' if len(missing) > 3 else ''}, unexpected {unknown[:3]}{'...' if len(unknown) > 3 else ''}"
+        )
+    for n, p in params.items():
+        if tuple(_local(p).shape) != tuple(state[n].shape):
+            raise ValueError(f"rewind state: {n} has shape {tuple(state[n].shape)}, the model {tuple(_local(p).shape)}")
+    with torch.no_grad():
+        for n, p in params.items():
+            local = _local(p)
+            local.copy_(state[n].to(device=local.device, dtype=local.dtype))
+
+
+def is_finite_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """No NaN or infinity anywhere in the state."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def path_rules(theta0: Mapping[str, torch.Tensor]) -> dict[str, PathRule]:
+    """How each parameter moves along the path (see the module docs)."""
+    rules: dict[str, PathRule] = {n: "lerp" for n in theta0}
+    for n, t in theta0.items():
+        if not _LORA_B.search(n):
+            continue
+        partner = _LORA_B.sub(lambda m: m.group(1).replace("_B", "_A"), n)
+        if partner in theta0 and not bool(t.any()):
+            rules[n] = "scale"
+            rules[partner] = "keep"
+    return rules
+
+
+def interpolate(
+    theta0: Mapping[str, torch.Tensor],
+    theta1: Mapping[str, torch.Tensor],
+    alpha: float | Mapping[str, float],
+    rules: Mapping[str, PathRule] | None = None,
+) -> State:
+    """The state at ``α`` on the path from ``θ0`` to ``θ1`` (``alpha`` per parameter allowed).
+
+    Computed in float64 and cast back, so ``α = 0`` and ``α = 1`` return ``θ0`` and ``θ1`` exactly.
+    """
+    rules = rules if rules is not None else path_rules(theta0)
+    out: State = {}
+    for n, t1 in theta1.items():
+        a = float(alpha[n]) if isinstance(alpha, Mapping) else float(alpha)
+        t0 = theta0[n]
+        rule = rules.get(n, "lerp")
+        if not t1.is_floating_point() or rule == "keep" or a == 1.0:
+            out[n] = t1.clone()
+        elif a == 0.0 and rule == "lerp":
+            out[n] = t0.clone()
+        elif rule == "scale":
+            out[n] = (t1.double() * a).to(t1.dtype)
+        else:
+            out[n] = (t0.double() + a * (t1.double() - t0.double())).to(t1.dtype)
+    return out
+
+
+def layer_depths(names: Sequence[str]) -> dict[str, float]:
+    """Depth in [0, 1] of each parameter: block index / (blocks − 1); embeddings 0; after the last block 1."""
+    indices = {n: int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
+    last = max(indices.values(), default=0)
+    depths = {}
+    for n in names:
+        if n in indices:
+            depths[n] = indices[n] / last if last > 0 else 1.0
+        elif _EMBEDDING.search(n):
+            depths[n] = 0.0
+        else:
+            depths[n] = 1.0
+    return depths
+
+
+def layerwise_alphas(names: Sequence[str], alpha: float) -> dict[str, float]:
+    """``α_l = α + (1 − α)·depth_l``: shallow layers move back the most (LiNeS-style)."""
+    return {n: alpha + (1.0 - alpha) * d for n, d in layer_depths(names).items()}
+
+
+def alphas_for(names: Sequence[str], alpha: float, layerwise: bool) -> float | dict[str, float]:
+    return layerwise_alphas(names, alpha) if layerwise else alpha
+
+
+def save_state_file(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write a state as safetensors (atomically: a temporary file, then a rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({n: t.contiguous() for n, t in state.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_state_file(path: str | Path) -> State:
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(path), device="cpu"))
+
+
+class Slot:
+    """One trainable state, held in CPU memory or in a safetensors file of the monitor's own."""
+
+    def __init__(self, path: Path, in_memory: bool) -> None:
+        self.path = path
+        self.in_memory = in_memory
+        self._state: State | None = None
+        self.step: int | None = None
+
+    @property
+    def filled(self) -> bool:
+        return self.step is not None
+
+    def put(self, state: State, step: int) -> None:
+        if self.in_memory:
+            self._state = state
+        else:
+            save_state_file(state, self.path)
+        self.step = step
+
+    def get(self) -> State:
+        if not self.filled:
+            raise RuntimeError("rewind: no state kept yet")
+        if self.in_memory:
+            assert self._state is not None
+            return self._state
+        return load_state_file(self.path)
+
+    def export(self, path: Path) -> None:
+        """Write the state to ``path`` (a hard link when it already lives in a file)."""
+        if not self.filled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if self.in_memory:
+            assert self._state is not None
+            save_state_file(self._state, path)
+            return
+        if path.exists():
+            path.unlink()
+        try:
+            os.link(self.path, path)
+        except OSError:
+            shutil.copy2(self.path, path)
+
+    def restore(self, path: Path, step: int) -> None:
+        self.put(load_state_file(path), step)
