@@ -289,7 +289,7 @@ class ForgettingMonitor(TrainerCallback):
             logger.warning("arena-callbacks: the weights at step %d are not finite; rewinding to the best kept state "
                            "instead of along the path", state.global_step)
             mode, theta1 = "checkpoint", None
-            info["fallback"] = "non-finite weights: checkpoint rewind"
+            info.update(mode=mode, fallback="non-finite weights: checkpoint rewind")
         try:
             if mode == "checkpoint":
                 load_state(model, self._best.get())
