@@ -1,4 +1,4 @@
-"""Command line: ``arena-callbacks report <output_dir>`` and ``arena-callbacks compare <run>...``."""
+"""Command line: ``arena-callbacks report <output_dir>``, ``compare <run>...`` and ``rewind <output_dir>``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="arena-callbacks", description="Reports of saved forgetting-monitor runs.")
+    p = argparse.ArgumentParser(prog="arena-callbacks", description="Reports, comparisons and after-the-fact rewinds of saved forgetting-monitor runs.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="plots and report.md for one run")
     r.add_argument("run_dir", help="a trainer output_dir holding arena/, or the monitor folder holding history.jsonl")
@@ -20,17 +20,35 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", nargs="+", help="run folders (as for report)")
     c.add_argument("--out", default="arena-compare", help="output folder (default: ./arena-compare)")
     c.add_argument("--names", nargs="+", help="a label per run (default: folder names)")
+    w = sub.add_parser(
+        "rewind",
+        help="pick the best operating point of a finished run (saved states and the path from the pretrained "
+        "weights) and write it as a loadable model or adapter",
+    )
+    w.add_argument("run_dir", help="the trainer output_dir (holding arena/ and checkpoint-<step> folders)")
+    w.add_argument("--out", help="output folder (default: <run_dir>/rewound)")
+    w.add_argument("--base-model", help="pretrained model folder or hub id (default: from the adapter config or run)")
+    w.add_argument("--alphas", nargs="+", type=float, help="interior α values on the path (default: the run's "
+                   "rewind.alphas)")
+    w.add_argument("--layerwise", action="store_true", help="scale layers separately: α_l = α + (1 − α)·depth")
+    w.add_argument("--device", default="cpu", help="where the probes run (default: cpu)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 2 usage or missing run)."""
+    from .exceptions import ArenaError
     from .runs import RunNotFoundError, load_run
 
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "report":
+        if args.command == "rewind":
+            from .posthoc import rewind_run
+
+            path = rewind_run(args.run_dir, args.out, base_model=args.base_model, alphas=args.alphas,
+                              layerwise=args.layerwise, device=args.device) / "rewind.md"
+        elif args.command == "report":
             from .report import write_report
 
             run = load_run(args.run_dir)
@@ -46,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             names = args.names or [None] * len(args.run_dirs)
             runs = [load_run(d, name=n) for d, n in zip(args.run_dirs, names)]
             path = compare_runs(runs, args.out)
-    except RunNotFoundError as e:
+    except (RunNotFoundError, ArenaError) as e:
         print(f"arena-callbacks {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(path)

@@ -1,0 +1,329 @@
+"""Rewinding a finished run after the fact: ``arena-callbacks rewind <output_dir>``.
+
+Reads the run (its ``history.jsonl``, ``summary.json``, the probe rows the monitor saved in
+``probes.json``, the trainer's ``checkpoint-<step>`` folders and the final model in the output
+folder), probes the pretrained model, every saved state and points on the path from the
+pretrained weights to the last state (``W0 + α·ΔW``; OFT: generator scaling), picks the
+operating point among the candidates within the run's stop/rewind budgets, and writes it as a
+folder that ``PeftModel.from_pretrained`` (adapters) or ``AutoModelForCausalLM.from_pretrained``
+(full finetuning) loads, with ``rewind.md``, ``rewind.json`` and ``rewind.png``.
+
+Example:
+    >>> from arena_callbacks.posthoc import rewind_run
+    >>> rewind_run("out", alphas=(0.25, 0.5, 0.75))          # doctest: +SKIP
+    PosixPath('out/rewound')
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .budget import check_limit
+from .config import Action
+from .distributed import DistContext
+from .exceptions import ArenaError
+from .measurements import build_snapshot
+from .probes import Probe, ProbeRunner, ProbeSet
+from .rewind import alphas_for, interpolate, path_rules
+from .runs import Run, load_run
+from .sp import SPPoint, operating_point
+
+__all__ = ["Candidate", "RewindError", "rewind_run"]
+
+logger = logging.getLogger(__name__)
+
+PROBES_FILE = "probes.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+# Adapter tensors whose pretrained value is known without the training run: zero at init.
+_ZERO_AT_INIT = ("lora_B", "lora_embedding_B", "oft_R", "oft_embedding_R")
+_KEEP = ("lora_A", "lora_embedding_A")
+
+
+class RewindError(ArenaError):
+    """A saved run cannot be rewound (what is missing is in the message)."""
+
+
+@dataclass
+class Candidate:
+    """One state probed: the pretrained model, a saved state, or a point on the path."""
+
+    label: str
+    source: str  # "pretrained", "checkpoint", "final", "path"
+    step: int | None
+    alpha: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    in_budget: bool = True
+    chosen: bool = False
+
+    @property
+    def plasticity(self) -> float:
+        return self.metrics.get("sp/plasticity", math.nan)
+
+    @property
+    def stability(self) -> float:
+        return self.metrics.get("sp/stability", math.nan)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label, "source": self.source, "step": self.step, "alpha": self.alpha,
+            "plasticity": _j(self.plasticity), "stability": _j(self.stability), "in_budget": self.in_budget,
+            "chosen": self.chosen, "metrics": {k: _j(v) for k, v in self.metrics.items()},
+        }
+
+
+def _j(v: float) -> float | str:
+    return v if math.isfinite(v) else str(v)
+
+
+def _saved_states(run: Run) -> list[tuple[str, str, int | None, Path]]:
+    """(label, source, step, folder) of every saved state holding weights, by step, final last."""
+    out = []
+    for step, path in run.checkpoints():
+        if _has_weights(path):
+            out.append((f"checkpoint-{step}", "checkpoint", step, path))
+    if run.output_dir is not None and _has_weights(run.output_dir):
+        step = run.summary.get("final_step")
+        out.append(("final", "final", int(step) if step is not None else None, run.output_dir))
+    return out
+
+
+def _has_weights(path: Path) -> bool:
+    return any((path / f).is_file() for f in (*ADAPTER_FILES, *MODEL_FILES))
+
+
+def _load_probes(run: Run) -> dict[str, ProbeSet]:
+    path = run.path / PROBES_FILE
+    if not path.is_file():
+        raise RewindError(
+            f"{path} not found: the run was recorded without its probe rows (arena-callbacks < 0.1 or a failed "
+            "write); rewinding needs the probes the run was measured with"
+        )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {
+        name: ProbeSet.build(name, Probe(d["rows"], kind=d["kind"], signal=d["signal"]), run.config.probe)
+        for name, d in data.items()
+    }
+
+
+def _in_budget(run: Run, metrics: dict[str, float], base: dict[str, float]) -> bool:
+    for b in run.config.budgets:
+        if b.action.severity < Action.STOP.severity or b.key not in metrics:
+            continue
+        if check_limit(b, metrics[b.key], base.get(b.key, math.nan)):
+            return False
+    return True
+
+
+def rewind_run(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    base_model: str | Path | None = None,
+    alphas: Sequence[float] | None = None,
+    layerwise: bool = False,
+    device: str = "cpu",
+) -> Path:
+    """Rewind a saved run to its operating point; returns the output folder.
+
+    Args:
+        run_dir: Trainer ``output_dir`` (or its ``arena/`` folder).
+        out: Where the rewound model goes (default ``<output_dir>/rewound``).
+        base_model: The pretrained model's folder or hub id (default: from the adapter config
+            or the run's ``summary.json``).
+        alphas: Interior points of the path probed (default: the run's ``rewind.alphas``).
+        layerwise: Scale layers separately, ``α_l = α + (1 − α)·depth``.
+        device: Where the probes run.
+
+    Raises:
+        RewindError: no saved states, no probe rows, no base model, or a path that cannot be
+            followed for these tensors.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = load_run(run_dir)
+    states = _saved_states(run)
+    if not states:
+        raise RewindError(
+            f"no saved weights in {run.output_dir}: neither checkpoint-<step> folders with weights nor a final "
+            "model (trainer.save_model); save checkpoints (save_strategy) to rewind after the fact"
+        )
+    probes = _load_probes(run)
+    is_adapter = any((states[-1][3] / f).is_file() for f in ADAPTER_FILES)
+    base_path = _base_path(run, states[-1][3], base_model, is_adapter)
+    tok_dir = next((p for *_, p in reversed(states) if (p / "tokenizer_config.json").is_file()), None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir or base_path))
+        model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    except OSError as e:
+        raise RewindError(f"could not load the pretrained model or tokenizer from {base_path!s} ({e}); "
+                          "pass --base-model with a local folder") from e
+    model.to(device).eval()
+    runner = ProbeRunner(probes, run.config.probe)
+    runner.prepare(tokenizer)
+    ctx = DistContext()
+
+    def measure(desc: str) -> dict[str, float]:
+        results = runner.run(model, ctx, desc=desc)
+        return build_snapshot(results, baseline, probes, stability=run.config.stability,
+                              plasticity=run.config.plasticity)
+
+    baseline = runner.run(model, ctx, desc="arena rewind: pretrained")
+    base_metrics = build_snapshot(baseline, baseline, probes, stability=run.config.stability,
+                                  plasticity=run.config.plasticity)
+    candidates = [Candidate("pretrained", "pretrained", 0, 0.0, base_metrics)]
+
+    if is_adapter:
+        from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+        model = PeftModel.from_pretrained(model, str(states[-1][3]), is_trainable=False).to(device).eval()
+
+        def read(folder: Path) -> dict[str, torch.Tensor]:
+            from peft.utils import load_peft_weights
+
+            return {k: v.float() for k, v in load_peft_weights(str(folder), device="cpu").items()}
+
+        def apply(state: dict[str, torch.Tensor]) -> None:
+            set_peft_model_state_dict(model, state)
+
+        theta1 = read(states[-1][3])
+        theta0 = _adapter_theta0(theta1)
+        own = get_peft_model_state_dict(model)
+        if set(own) != set(theta1):
+            logger.warning("arena-callbacks: adapter keys differ from the saved ones; using the saved ones")
+    else:
+        def read(folder: Path) -> dict[str, torch.Tensor]:
+            m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+            return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+        def apply(state: dict[str, torch.Tensor]) -> None:
+            model.load_state_dict(state, strict=True)
+
+        theta0 = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        theta1 = read(states[-1][3])
+
+    kept: dict[str, dict[str, torch.Tensor]] = {}
+    for label, source, step, folder in states:
+        state = theta1 if folder == states[-1][3] else read(folder)
+        apply(state)
+        kept[label] = state
+        candidates.append(Candidate(label, source, step, 1.0, measure(f"arena rewind: {label}")))
+    last = candidates[-1]
+
+    path_alphas = sorted(set(alphas if alphas is not None else run.config.rewind.alphas))
+    if theta0 is None:
+        logger.warning("arena-callbacks: this adapter holds tensors whose pretrained value is unknown "
+                       "(e.g. DoRA magnitudes); choosing among saved states only")
+        path_alphas = []
+    rules = path_rules(theta0) if theta0 is not None else {}
+    names = list(theta1)
+    for a in path_alphas:
+        if not 0 <= a <= 1:
+            raise RewindError(f"alphas: {a} is outside [0, 1]")
+        assert theta0 is not None
+        state = interpolate(theta0, theta1, alphas_for(names, a, layerwise), rules)
+        apply(state)
+        label = f"{last.label} α={a:g}" + (" (layer-wise)" if layerwise else "")
+        kept[label] = state
+        candidates.append(Candidate(label, "path", last.step, a, measure(f"arena rewind: α={a:g}")))
+
+    for c in candidates:
+        c.in_budget = c.source == "pretrained" or _in_budget(run, c.metrics, base_metrics)
+    ok = [c for c in candidates if c.in_budget]
+    pts = [SPPoint(i, c.plasticity, c.stability) for i, c in enumerate(ok)]
+    if all(math.isfinite(p.plasticity) and math.isfinite(p.stability) for p in pts):
+        best = operating_point(pts, run.config.operating_point)
+        assert best is not None
+        chosen = ok[best.step]
+    else:  # no target probe: the last in-budget saved state
+        chosen = ok[-1]
+    chosen.chosen = True
+
+    out_dir = Path(out) if out is not None else (run.output_dir or run.path) / "rewound"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if chosen.source == "pretrained":
+        if is_adapter:
+            apply({k: v * 0 if _is_zero_at_init(k) else v for k, v in theta1.items()})
+        else:
+            apply(theta0)
+    else:
+        apply(kept[chosen.label])
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    _write_outputs(run, out_dir, candidates, chosen, base_path, is_adapter)
+    return out_dir
+
+
+def _is_zero_at_init(name: str) -> bool:
+    return any(f".{t}." in name for t in _ZERO_AT_INIT)
+
+
+def _adapter_theta0(theta1: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The adapter's pretrained-equivalent state, where it is known (zero-initialised factors)."""
+    theta0 = {}
+    for k, v in theta1.items():
+        if _is_zero_at_init(k):
+            theta0[k] = torch.zeros_like(v)
+        elif any(t in k for t in _KEEP):
+            theta0[k] = v.clone()  # kept at its trained value on the path ("keep" rule)
+        else:
+            return None
+    return theta0
+
+
+def _base_path(run: Run, last: Path, given: str | Path | None, is_adapter: bool) -> str:
+    if given is not None:
+        return str(given)
+    if is_adapter and (last / "adapter_config.json").is_file():
+        cfg = json.loads((last / "adapter_config.json").read_text(encoding="utf-8"))
+        if cfg.get("base_model_name_or_path"):
+            return str(cfg["base_model_name_or_path"])
+    if run.summary.get("base_model"):
+        return str(run.summary["base_model"])
+    raise RewindError("the pretrained model is not recorded in the run; pass --base-model <folder or hub id>")
+
+
+def _write_outputs(run: Run, out: Path, cands: list[Candidate], chosen: Candidate, base: str, adapter: bool) -> None:
+    from .report import _figure, _fmt, _save
+
+    (out / "rewind.json").write_text(
+        json.dumps({"run": str(run.path), "base_model": base, "adapter": adapter,
+                    "operating_point": run.config.operating_point.model_dump(mode="json"),
+                    "chosen": chosen.label, "candidates": [c.to_json() for c in cands]}, indent=2),
+        encoding="utf-8",
+    )
+    fig = _figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    for c in cands:
+        style = "*" if c.chosen else ("o" if c.in_budget else "x")
+        color = "tab:red" if c.chosen else ("tab:blue" if c.source != "path" else "tab:green")
+        ax.plot([c.plasticity], [c.stability], style, ms=14 if c.chosen else 7, color=color)
+        ax.annotate(c.label, (c.plasticity, c.stability), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("plasticity P (target gain)")
+    ax.set_ylabel("stability S (retention)")
+    ax.set_title(f"{run.name}: rewind candidates (★ chosen, × out of budget)")
+    ax.grid(alpha=0.3)
+    _save(fig, out / "rewind.png")
+    load = ("PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)" if adapter
+            else "AutoModelForCausalLM.from_pretrained(out)")
+    md = [
+        f"# Rewind of {run.name}", "",
+        f"Chosen: **{chosen.label}** (P = {_fmt(chosen.plasticity)}, S = {_fmt(chosen.stability)}), "
+        f"by the `{run.config.operating_point.rule}` rule among the candidates within the run's stop/rewind budgets.",
+        "", f"Written to `{out}` ({'adapter' if adapter else 'full model'}; load with `{load}`, base: `{base}`).", "",
+        "| candidate | source | step | α | P | S | in budget |", "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for c in cands:
+        md.append(f"| {'**' + c.label + '**' if c.chosen else c.label} | {c.source} | "
+                  f"{c.step if c.step is not None else 'n/a'} | {c.alpha if c.alpha is not None else 'n/a'} | "
+                  f"{_fmt(c.plasticity)} | {_fmt(c.stability)} | {'yes' if c.in_budget else 'no'} |")
+    md += ["", "![candidates](rewind.png)", ""]
+    (out / "rewind.md").write_text("\n".join(md), encoding="utf-8")
