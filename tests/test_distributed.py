@@ -389,3 +389,36 @@ def test_geometry_keys_identical_on_both_ranks_and_equal_to_single_process(tmp_p
         assert want["geometry/procrustes/max"] > 0.01  # the change was seen
         for key, value in want.items():
             assert ranks[0][mode][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (mode, key)
+
+
+@pytest.fixture(scope="module")
+def ddp_rewind_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("train_ddp_rewind")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(SCRIPTS / "train_ddp.py"), str(work), "16", str(TRAIN_LR * 3), "rewind",
+    ]
+    env = _env()
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    _run_all([(cmd, env)], [work / "torchrun.txt"], WORKER_TIMEOUT_S)
+    return work, _read_ranks(work)
+
+
+def test_ddp_rewind_keeps_ranks_in_step(ddp_rewind_run):
+    _, (r0, r1) = ddp_rewind_run
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["ddp_wrapped"] and r1["ddp_wrapped"]
+    assert len(r0["rewinds"]) >= 1, "the budget should have fired a rewind"
+    # Same rewinds (step, α, candidates measured on all-reduced probes) on both ranks.
+    assert r0["rewinds"] == r1["rewinds"]
+    first = r0["rewinds"][0]
+    assert first["mode"] == "path" and first["alpha"] in (0.0, 0.3, 0.6, 1.0)
+    assert [c["alpha"] for c in first["candidates"]] == [0.0, 0.3, 0.6, 1.0]
+    # Training went on in step: same history, same final weights, same lowered learning rate.
+    assert r0["history"] == r1["history"] and r0["global_step"] == r1["global_step"]
+    assert r0["global_step"] > first["at_step"]
+    assert r0["final_checksum"] == r1["final_checksum"]
+    assert r0["base_lrs"] == r1["base_lrs"]
+    continued = sum(r["then"] == "continue" for r in r0["rewinds"])
+    assert r0["base_lrs"] == pytest.approx([TRAIN_LR * 3 * 0.5**continued] * len(r0["base_lrs"]))

@@ -57,6 +57,13 @@ TRAIN_MONITOR = {
     "probe": {"batch_size": 4, "max_length": 64},
     "budgets": [{"key": "retention/general", "max_drop": 0.2, "patience": 2}],
 }
+# The same run with path-wise rewinds that let training continue (train_ddp.py ... rewind).
+TRAIN_MONITOR_REWIND = {
+    **TRAIN_MONITOR,
+    "budgets": [{"key": "retention/general", "max_drop": 0.2, "action": "rewind"}],
+    "operating_point": {"weight": 1.0},
+    "rewind": {"mode": "path", "then": "continue", "max_rewinds": 2, "alphas": [0.3, 0.6]},
+}
 
 
 def build_runner(tokenizer: Any, probes: dict[str, Any] | None = None, settings: dict[str, Any] | None = None):

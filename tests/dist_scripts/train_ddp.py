@@ -1,6 +1,8 @@
 """A real transformers.Trainer DDP run on CPU with the ForgettingMonitor attached.
 
-Run with:  python -m torch.distributed.run --nproc_per_node 2 train_ddp.py WORK_DIR MAX_STEPS LR
+Run with:  python -m torch.distributed.run --nproc_per_node 2 train_ddp.py WORK_DIR MAX_STEPS LR [rewind]
+
+With ``rewind`` the budget rewinds along the path and training continues (C.TRAIN_MONITOR_REWIND).
 
 Each rank pretrains the tiny model identically (helpers.pretrained_model: deterministic on
 CPU), rank 0 saves those weights to WORK_DIR/pretrained.pt, then every rank finetunes on one
@@ -27,7 +29,7 @@ def weights_checksum(model: torch.nn.Module) -> list[float]:
     return [float(p.detach().double().sum()) for p in model.parameters()]
 
 
-def main(work_dir: str, max_steps: int, lr: float) -> None:
+def main(work_dir: str, max_steps: int, lr: float, rewind: bool = False) -> None:
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
     from arena_callbacks import ForgettingMonitor
@@ -40,7 +42,7 @@ def main(work_dir: str, max_steps: int, lr: float) -> None:
     pretrained_sum = weights_checksum(model)
 
     monitor = ForgettingMonitor(
-        C.TRAIN_MONITOR, probes={"general": C.TRAIN_GENERAL, "facts": C.TRAIN_FACTS}, target=C.TRAIN_TARGET
+        C.TRAIN_MONITOR_REWIND if rewind else C.TRAIN_MONITOR, probes={"general": C.TRAIN_GENERAL, "facts": C.TRAIN_FACTS}, target=C.TRAIN_TARGET
     )
 
     # Probe forwards run under no_grad; training forwards do not. Record the rows of the former.
@@ -111,6 +113,8 @@ def main(work_dir: str, max_steps: int, lr: float) -> None:
         "probe_rows": probe_rows,
         "pretrained_checksum": pretrained_sum,
         "final_checksum": weights_checksum(model),
+        "rewinds": monitor.rewinds,
+        "base_lrs": list(trainer.lr_scheduler.base_lrs),
     }
     dist.barrier()
     C.dump(os.path.join(work_dir, f"rank{report['rank']}.json"), report)
@@ -119,7 +123,7 @@ def main(work_dir: str, max_steps: int, lr: float) -> None:
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+        main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), rewind=sys.argv[4:] == ["rewind"])
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush()
