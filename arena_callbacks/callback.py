@@ -11,6 +11,7 @@ import fnmatch
 import inspect
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -126,6 +127,13 @@ class ForgettingMonitor(TrainerCallback):
         self._theta0: Slot | None = None  # step-0 trainable state (path rewinds)
         self._best_metrics: dict[str, float] = {}
         self.resumed_from: Path | None = None
+        # Cost-budgeted cadence: the next probe step, and the time spent since the last probe.
+        self.next_probe_step: int | None = None
+        self._mark: float | None = None
+        self._train_since = 0.0
+        self._steps_since = 0
+        self._probe_cost = 0.0
+        self.overhead = {"baseline_seconds": 0.0, "monitor_seconds": 0.0, "train_seconds": 0.0}
 
     def _check_budget_keys(self, measured: list[str]) -> None:
         for i, budget in enumerate(self.config.budgets):
@@ -166,6 +174,7 @@ class ForgettingMonitor(TrainerCallback):
             ckpt = _resume_checkpoint(args, state)
             if ckpt is not None and (ckpt / STATE_FILE).is_file():
                 self._restore_state(ckpt, model)
+                self._mark = time.perf_counter()
                 return
             logger.warning(
                 "arena-callbacks: training resumes at step %d without monitor state (%s has no %s); the baseline "
@@ -173,13 +182,25 @@ class ForgettingMonitor(TrainerCallback):
                 state.global_step, ckpt, STATE_FILE,
             )
         self._measure_baseline(model, state)
+        self._mark = time.perf_counter()
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        every = self.config.cadence.every_n_steps
-        if every is not None and state.global_step % every == 0:
-            self._probe(kwargs["model"], state, control, trigger="step")
+        now = time.perf_counter()
+        if self._mark is not None:
+            self._train_since += now - self._mark
+        self._steps_since += 1
+        cadence = self.config.cadence
+        if cadence.every_n_steps is not None:
+            if state.global_step % cadence.every_n_steps == 0:
+                self._probe(kwargs["model"], state, control, trigger="step")
+        elif cadence.budgeted:
+            if self.next_probe_step is None and self._steps_since >= cadence.calibration_steps:
+                self._schedule(state.global_step)  # first timing of a training step
+            if self.next_probe_step is not None and state.global_step >= self.next_probe_step:
+                self._probe(kwargs["model"], state, control, trigger="step")
+        self._mark = time.perf_counter()
 
     def on_evaluate(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -428,10 +449,13 @@ class ForgettingMonitor(TrainerCallback):
                     "baseline_results": {n: dataclasses.asdict(r) for n, r in self.baseline_results.items()},
                     "history": records,
                     "rewinds": self.rewinds,
+            "overhead": {**self.overhead, "fraction": _fraction(self.overhead)},
                     "last_probe_step": self._last_probe_step,
                     "best": {"step": self._best.step, "metrics": _json_metrics(self._best_metrics)}
                     if self._best is not None and self._best.filled else None,
                     "theta0_step": self._theta0.step if self._theta0 is not None else None,
+                    "schedule": {"next_probe_step": self.next_probe_step, "probe_cost": self._probe_cost,
+                                 "overhead": self.overhead},
                     "config": self.config.model_dump(mode="json"),
                 }
                 tmp = ckpt / (STATE_FILE + ".tmp")
@@ -457,6 +481,10 @@ class ForgettingMonitor(TrainerCallback):
         self.history.restore(data["history"])
         self.rewinds = list(data.get("rewinds", []))
         self._last_probe_step = int(data.get("last_probe_step", -1))
+        schedule = data.get("schedule") or {}
+        self.next_probe_step = schedule.get("next_probe_step")
+        self._probe_cost = float(schedule.get("probe_cost", 0.0))
+        self.overhead.update(schedule.get("overhead") or {})
         rank = self._ctx.rank
         best = data.get("best")
         if self._best is not None and best is not None:
@@ -484,6 +512,9 @@ class ForgettingMonitor(TrainerCallback):
         self.baseline_results = None
         results, seconds, extra = self._run_probes(model, state, desc="arena baseline", baseline=True)
         self.baseline_results = results
+        self.overhead["baseline_seconds"] = seconds
+        self._probe_cost = seconds
+        self.next_probe_step = None
         metrics = self._with_sp(state.global_step, {**self._metrics(results, seconds), **extra})
         snapshot = Snapshot(state.global_step, metrics, state.epoch, trigger="baseline")
         for budget in self.config.budgets:
@@ -522,9 +553,8 @@ class ForgettingMonitor(TrainerCallback):
                 k=sc.top_k, eps=sc.intruder_threshold, cache=self._spectra_cache,
             )
             extra.update(aggregate_spectra(per_layer))
-        # Rank 0's wall time, shared so every rank holds the same snapshot.
-        elapsed = time.perf_counter() - start if self._ctx.is_main else 0.0
-        seconds = float(self._ctx.all_reduce_sum(torch.tensor([elapsed]))[0])
+        # The slowest rank's wall time, shared so every rank holds the same snapshot.
+        seconds = self._ctx.max_floats([time.perf_counter() - start])[0]
         return results, seconds, extra
 
     def _setup_model_measurements(self, model: torch.nn.Module) -> None:
@@ -545,6 +575,31 @@ class ForgettingMonitor(TrainerCallback):
                 self._spectra_reference = snapshot_weights(base, self._spectra_names)
             keys += [f"spectral/{m}/{n}" for m in SPECTRAL_METRICS for n in [*self._spectra_names, "mean", "max"]]
         self._check_budget_keys(sorted(keys))
+
+    def _schedule(self, step: int, probed: bool = False) -> None:
+        """Set the next budget-scheduled probe step from the measured probe cost and step time.
+
+        One collective (the slowest rank's step time), at a step every rank reaches, so all
+        ranks keep the same schedule without talking between probes.
+        """
+        cadence = self.config.cadence
+        step_time = self._ctx.max_floats([self._train_since / max(self._steps_since, 1)])[0]
+        if probed:
+            self.overhead["train_seconds"] += step_time * self._steps_since
+            self._train_since, self._steps_since = 0.0, 0
+        if not cadence.budgeted:
+            return
+        b = cadence.overhead_budget
+        assert b is not None
+        # cost / (cost + interval·step_time) <= b  ⇔  interval >= cost·(1 − b) / (b·step_time)
+        wanted = self._probe_cost * (1 - b) / (b * max(step_time, 1e-9))
+        interval = max(cadence.min_interval, math.ceil(wanted - 1e-9))
+        if cadence.max_interval is not None:
+            interval = min(interval, cadence.max_interval)
+        last = self.history.snapshots[-1].step if self.history.snapshots else step
+        self.next_probe_step = max(step if not probed else step + 1, (step if probed else last) + interval)
+        if self._writer is not None:
+            self._writer.scalars({"arena/probe_interval": float(interval), "arena/step_seconds": step_time}, step)
 
     def _metrics(self, results: dict[str, ProbeResult], seconds: float) -> dict[str, float]:
         assert self.baseline_results is not None
@@ -587,6 +642,9 @@ class ForgettingMonitor(TrainerCallback):
             logger.warning("arena-callbacks: skipping the probe at step %d: %s", state.global_step, e)
             return
         metrics = self._with_sp(state.global_step, {**self._metrics(results, seconds), **extra})
+        self._probe_cost = seconds
+        self.overhead["monitor_seconds"] += seconds
+        self._schedule(state.global_step, probed=True)
         snapshot = Snapshot(state.global_step, metrics, state.epoch, trigger=trigger)
         decision = evaluate_budgets(self.config.budgets, snapshot, self.history.snapshots)
         # Decisions are computed from all-reduced numbers, so they agree; still, stop every
@@ -703,6 +761,7 @@ class ForgettingMonitor(TrainerCallback):
             "trainable_parameters": self._trainable_parameters,
             "base_model": self.base_model_path,
             "rewinds": self.rewinds,
+            "overhead": {**self.overhead, "fraction": _fraction(self.overhead)},
             "config": self.config.model_dump(mode="json"),
         }
         points = trajectory(self.history.snapshots)
@@ -744,6 +803,11 @@ def _model_key_patterns(config: MonitorConfig) -> list[str]:
     if config.spectra.enabled:
         keys.append("spectral/*")
     return keys
+
+
+def _fraction(o: dict[str, float]) -> float | None:
+    total = o["monitor_seconds"] + o["train_seconds"]
+    return o["monitor_seconds"] / total if total > 0 else None
 
 
 def _sp_pair(metrics: dict[str, float]) -> dict[str, float | None]:

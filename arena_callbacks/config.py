@@ -61,24 +61,48 @@ IMPLEMENTED_ACTIONS = frozenset({Action.LOG, Action.STOP, Action.REWIND})
 class CadenceConfig(_Frozen):
     """When probes run.
 
+    By default the monitor schedules its own probes so that they cost at most
+    ``overhead_budget`` of the wall time: from the measured cost of the last probe pass and the
+    measured time of a training step (all ranks' slowest), the next probe comes after
+    ``ceil(cost·(1 − b)/b / step_time)`` steps. A fixed ``every_n_steps``, when set, takes
+    precedence.
+
     Attributes:
-        every_n_steps: Probe after every N optimizer steps (``None`` for never).
+        every_n_steps: Probe after every N optimizer steps (``None``: use ``overhead_budget``).
+        overhead_budget: Largest share of wall time the probes may take (0 < b < 1), or ``None``.
+        min_interval: Fewest steps between budget-scheduled probes.
+        max_interval: Most steps between budget-scheduled probes (``None``: no limit); a cap
+            can make the probes cost more than the budget.
+        calibration_steps: Training steps timed after the baseline before the first probe is
+            scheduled.
         on_evaluate: Probe each time the trainer evaluates.
         at_train_end: Probe once more at the end of training if the last step was not probed.
     """
 
-    every_n_steps: int | None = Field(default=50, ge=1)
+    every_n_steps: int | None = Field(default=None, ge=1)
+    overhead_budget: float | None = Field(default=0.03, gt=0, lt=1)
+    min_interval: int = Field(default=1, ge=1)
+    max_interval: int | None = Field(default=None, ge=1)
+    calibration_steps: int = Field(default=5, ge=1)
     on_evaluate: bool = False
     at_train_end: bool = True
 
     @model_validator(mode="after")
     def _some_cadence(self) -> CadenceConfig:
-        if self.every_n_steps is None and not self.on_evaluate:
+        if self.every_n_steps is None and self.overhead_budget is None and not self.on_evaluate:
             raise ValueError(
-                "cadence: every_n_steps is None and on_evaluate is False, so probes would never run; "
-                "set every_n_steps to a positive integer or on_evaluate to true"
+                "cadence: every_n_steps and overhead_budget are None and on_evaluate is False, so probes would "
+                "never run; set every_n_steps to a positive integer, overhead_budget to a fraction such as 0.03, "
+                "or on_evaluate to true"
             )
+        if self.max_interval is not None and self.max_interval < self.min_interval:
+            raise ValueError(f"cadence.max_interval: {self.max_interval} is below min_interval {self.min_interval}")
         return self
+
+    @property
+    def budgeted(self) -> bool:
+        """Probes scheduled by ``overhead_budget`` (no fixed ``every_n_steps``)."""
+        return self.every_n_steps is None and self.overhead_budget is not None
 
 
 class ProbeSettings(_Frozen):

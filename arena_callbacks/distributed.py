@@ -46,6 +46,14 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def max_floats(self, values: list[float]) -> list[float]:
+        """Element-wise largest values over ranks (float64)."""
+        if not self.active:
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [float(v) for v in t.cpu()]
+
     def all_gather_rows(self, rows: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenate every rank's ``rows`` (n_r × d, float) and ``ids`` (n_r); CPU results.
 

@@ -76,9 +76,22 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) else t
 
 
+def _reshard(model: torch.nn.Module) -> None:
+    """FSDP2 may leave a module unsharded after a forward (the root by default): shard it back so
+    its registered parameters are the ``DTensor`` shards again."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The parameters that train, by name (the wrapper's ``module.`` prefix removed)."""
     base = getattr(model, "module", model)
+    _reshard(base)
     return {n: p for n, p in base.named_parameters() if p.requires_grad}
 
 

@@ -12,7 +12,7 @@ def _errors(exc_info):
 
 def test_defaults_are_valid_and_frozen():
     cfg = MonitorConfig()
-    assert cfg.cadence.every_n_steps == 50
+    assert cfg.cadence.every_n_steps is None and cfg.cadence.overhead_budget == 0.03 and cfg.cadence.budgeted
     assert cfg.probe.precision == "fp32"
     assert cfg.budgets == ()
     with pytest.raises(ValidationError):
@@ -51,9 +51,18 @@ def test_invalid_values_name_the_field(data, loc):
 
 def test_cadence_must_run_somewhere():
     with pytest.raises(ValidationError) as e:
-        MonitorConfig(cadence={"every_n_steps": None, "on_evaluate": False})
+        MonitorConfig(cadence={"every_n_steps": None, "overhead_budget": None, "on_evaluate": False})
     (loc, msg), = _errors(e)
     assert loc == "cadence" and "probes would never run" in msg
+
+
+def test_cadence_schedules():
+    fixed = MonitorConfig(cadence={"every_n_steps": 7})
+    assert fixed.cadence.every_n_steps == 7 and not fixed.cadence.budgeted  # a fixed cadence takes precedence
+    with pytest.raises(ValidationError, match="overhead_budget"):
+        MonitorConfig(cadence={"overhead_budget": 1.5})
+    with pytest.raises(ValidationError, match="max_interval: 2 is below min_interval 5"):
+        MonitorConfig(cadence={"min_interval": 5, "max_interval": 2})
 
 
 def test_budget_needs_exactly_one_limit():

@@ -319,7 +319,7 @@ def test_ddp_baseline_equals_single_process_probes_on_the_same_weights(ddp_run):
     results = runner.run(model)
     want = build_snapshot(results, results, runner.probes)
     got = r0["history"][0]["metrics"]
-    assert set(got) - {"probe/seconds"} == set(want)
+    assert {k for k in got if not k.startswith("sp/") or k in want} - {"probe/seconds"} == set(want)
     for key, value in want.items():
         if math.isnan(value):
             assert got[key] == "nan", key
@@ -422,3 +422,25 @@ def test_ddp_rewind_keeps_ranks_in_step(ddp_rewind_run):
     assert r0["base_lrs"] == r1["base_lrs"]
     continued = sum(r["then"] == "continue" for r in r0["rewinds"])
     assert r0["base_lrs"] == pytest.approx([TRAIN_LR * 3 * 0.5**continued] * len(r0["base_lrs"]))
+
+
+def test_fsdp2_rewind_restores_each_rank_shard_in_place(tmp_path):
+    port = str(_free_port())
+    commands = [
+        (
+            [sys.executable, str(SCRIPTS / "fsdp_rewind.py"), str(tmp_path)],
+            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(2)
+    ]
+    _run_all(commands, [tmp_path / "log0.txt", tmp_path / "log1.txt"], WORKER_TIMEOUT_S)
+    r0, r1 = _read_ranks(tmp_path)
+    assert r0["world_size"] == r1["world_size"] == 2
+    # Really sharded: each rank keeps about half of the weights.
+    assert r0["local_numel"] + r1["local_numel"] == r0["full_numel"] and r0["local_numel"] < r0["full_numel"]
+    assert r0["exact"] and r1["exact"]
+    for r in (r0, r1):
+        assert r["moved"] != r["base"]  # the move changed the probes
+        assert r["restored"] == r["base"] and r["at_zero"] == r["base"]  # exact restore, α = 0 is the start
+        assert r["at_one"] == r["moved"]
+    assert r0["restored"] == r1["restored"]

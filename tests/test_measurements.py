@@ -47,7 +47,10 @@ def test_snapshot_formulas():
     assert m["target/score"] == 0.7 and m["target/delta_nll"] == pytest.approx(-1.5)
     assert m["sp/plasticity"] == pytest.approx(0.6)
     assert "retention/target" not in m
-    assert sorted(list(m) + ["probe/seconds"]) == expected_keys(probesets(), True)
+    from arena_callbacks.sp import SP_KEYS
+
+    # The monitor adds probe/seconds and the sp/* estimate of the trajectory (arena_callbacks.sp).
+    assert sorted(list(m) + ["probe/seconds", *SP_KEYS]) == expected_keys(probesets(), True)
 
 
 def test_snapshot_options():

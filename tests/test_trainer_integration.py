@@ -172,3 +172,34 @@ def test_on_evaluate_cadence_and_log_action(tokenizer, tmp_path):
     assert [(s.step, s.trigger) for s in monitor.history] == [(0, "baseline"), (3, "evaluate"), (6, "evaluate")]
     assert monitor.last_decision is not None and monitor.last_decision.action.value == "log"
     assert not glob.glob(str(tmp_path / "runs" / "**" / "events*"), recursive=True)  # tensorboard off
+
+
+def test_overhead_budget_schedules_probes_from_measured_costs(tokenizer, tmp_path, monkeypatch):
+    """With a fake clock (each reading 1 s later) a probe costs 1 s and a step 1 s: b = 0.25 gives
+    ceil(1 · 0.75 / (0.25 · 1)) = 3 steps between probes, the first one timed over 2 calibration steps."""
+    import itertools
+    import types
+
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    import arena_callbacks.callback as cb
+
+    clock = itertools.count()
+    monkeypatch.setattr(cb, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    monitor = ForgettingMonitor(
+        {"cadence": {"overhead_budget": 0.25, "calibration_steps": 2}, "probe": {"batch_size": 8, "max_length": 64},
+         "logging": {"tensorboard": False}},
+        probes={"general": GENERAL},
+    )
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8, report_to=[],
+                             save_strategy="no", use_cpu=True, seed=0)
+    Trainer(model=pretrained_model(), args=args, train_dataset=[tokenizer(TARGET_TEXT) for _ in range(64)],
+            processing_class=tokenizer, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            callbacks=[monitor]).train()
+    assert [s.step for s in monitor.history] == [0, 3, 6, 9, 10]  # 10: the train-end probe
+    assert all(s.metrics["probe/seconds"] == 1.0 for s in monitor.history)
+    summary = json.loads((tmp_path / "arena" / "summary.json").read_text())
+    assert summary["overhead"]["baseline_seconds"] == 1.0
+    # Four probes of 1 s (steps 3, 6, 9 and the train-end one at 10) against ten 1-s steps.
+    assert summary["overhead"]["train_seconds"] == 10.0
+    assert summary["overhead"]["monitor_seconds"] == 4.0 and summary["overhead"]["fraction"] == pytest.approx(4 / 14)
