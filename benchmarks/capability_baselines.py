@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             "license": cap.license,
             "available": cap.available(),
             "tokens_per_row": {"max": max(lengths), "mean": round(statistics.fmean(lengths), 1)},
+            # Tokens the forwards of one pass carry (every choice of a multiple-choice row): the
+            # stable measure of cost; wall times depend on what else the machine runs.
+            "forward_tokens_per_pass": round(sum(lengths) / len(seeds)),
             "nll_mean": statistics.fmean(r["nll"] for r in runs.values()),
             "seconds_mean": statistics.fmean(r["seconds"] for r in runs.values()),
             "runs": runs,

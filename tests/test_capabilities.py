@@ -12,7 +12,7 @@ import pytest
 from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks import capabilities as caps
 from arena_callbacks.capabilities import CAPABILITIES, build_capabilities, build_capability
-from arena_callbacks.probes import KINDS
+KINDS = ("text", "multiple_choice", "completion")  # the probe kinds of arena_callbacks.probes
 
 from helpers import make_tokenizer
 
