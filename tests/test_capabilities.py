@@ -5,17 +5,16 @@ from __future__ import annotations
 import copy
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks import capabilities as caps
 from arena_callbacks.capabilities import CAPABILITIES, build_capabilities, build_capability
-KINDS = ("text", "multiple_choice", "completion")  # the probe kinds of arena_callbacks.probes
-
+from arena_callbacks.models import default_cache_dir
 from helpers import make_tokenizer
 
+KINDS = ("text", "multiple_choice", "completion")  # the probe kinds of arena_callbacks.probes
 NAMES = sorted(CAPABILITIES)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -224,7 +223,7 @@ def test_bad_requests_say_what_would_work():
         build_capability("arithmetic", n=1000)
 
 
-SMOLLM2 = Path.home() / ".cache" / "arena-callbacks" / "models" / "smollm2-135m-instruct"
+SMOLLM2 = default_cache_dir() / "smollm2-135m-instruct"
 
 
 @pytest.mark.skipif(not (SMOLLM2 / "tokenizer.json").is_file(), reason="SmolLM2 not converted on this machine")

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from arena_callbacks import ArenaError
-from arena_callbacks import models
+from arena_callbacks import ArenaError, models
 from arena_callbacks.models import (
     BUILTIN_MODELS,
     ModelConversionError,
@@ -21,7 +20,6 @@ from arena_callbacks.models import (
     load_model_and_tokenizer,
     resolve_model,
 )
-
 from helpers import make_model, make_tokenizer
 
 pytest.importorskip("gguf")
