@@ -198,7 +198,7 @@ def load_model_and_tokenizer(
 
     Example:
         >>> model, tok = load_model_and_tokenizer("smollm2-135m-instruct")  # doctest: +SKIP
-        >>> model.dtype
+        >>> model.dtype  # doctest: +SKIP
         torch.float32
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
