@@ -1,4 +1,4 @@
-# make demo  - set up (first time only) and run the demo: a finetune that the monitor stops
+# make demo  - set up (first time only) and run the demo arena: SmolLM2-135M + LoRA forgets, the monitor rewinds it
 # make test  - set up (first time only) and run the tests
 # make setup - only the set-up (scripts/setup.sh: venv, CPU torch where there is no GPU, package)
 # make clean - remove demo outputs and caches (make distclean also removes .venv)
@@ -17,7 +17,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) examples/demo.py $(DEMO_ARGS)
+	$(PY) examples/arena.py $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

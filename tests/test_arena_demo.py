@@ -1,0 +1,41 @@
+"""The demo arena (examples/arena.py --quick): two methods end to end, reports and the comparison."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(400)
+def test_quick_arena_runs_two_methods_and_compares_them(tmp_path):
+    out = tmp_path / "arena"
+    env = {k: v for k, v in os.environ.items() if k != "TENSORBOARD_LOGGING_DIR"}
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd = [sys.executable, str(REPO / "examples" / "arena.py"), "--quick", "--methods", "lora,full",
+           "--max-steps", "20", "--output-dir", str(out), "--cache-dir", str(tmp_path / "base")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=390)
+    assert proc.returncode == 0, f"arena failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+    summary = json.loads((out / "arena_summary.json").read_text())
+    assert set(summary) == {"lora", "full"}
+    for method in ("lora", "full"):
+        s = summary[method]
+        assert s["trainable_parameters"] > 0 and s["baseline"]["retention/general"] == 1.0
+        assert (out / method / "report" / "report.md").is_file()
+        assert (out / method / "report" / "trajectory.png").stat().st_size > 1000
+        assert (out / method / "report" / "geometry.png").is_file()  # geometry is on in the demo config
+    assert summary["lora"]["trainable_parameters"] < summary["full"]["trainable_parameters"]
+    # Full finetuning at the quick rate breaks the budget; the monitor rewinds along the path and stops.
+    full = summary["full"]
+    assert full["rewinds"] and full["rewinds"][0]["mode"] == "path" and full["stopped"]
+    hist = [json.loads(x) for x in (out / "full" / "arena" / "history.jsonl").read_text().splitlines() if x]
+    assert hist[-1]["trigger"] == "rewind" and hist[-1]["rewind"]["alpha"] == full["rewinds"][0]["alpha"]
+    assert f"REWIND at step {full['rewinds'][0]['at_step']}" in proc.stdout
+    md = (out / "compare" / "compare.md").read_text()
+    assert "| lora |" in md and "| full |" in md
+    assert f"{full['trainable_parameters']:,}" in md
