@@ -22,8 +22,8 @@ Steps, for each method:
    frontiers on one picture and a table.
 
 Methods and their learning rates (one rate does not fit all: OFT diverged at a rate where LoRA
-learned well, DESIGN.md §7): LoRA r8 (2e-3), OFT block 32 (5e-4; about LoRA r8's trainable
-parameters on SmolLM2's square projections), full finetuning (1e-4).
+learned well, DESIGN.md §7): LoRA r8 (2e-3; 2.44M trainable parameters on SmolLM2), OFT block 32
+(5e-4; 2.32M, a matched budget), full finetuning (1e-4; 135M).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ except ImportError:  # a checkout without `pip install -e .`
 import torch  # noqa: E402
 
 from arena_callbacks import ForgettingMonitor, MonitorConfig  # noqa: E402
+from demo import tokenize_task  # noqa: E402,F401  (examples/demo.py; prompt + completion + EOS, loss on the answer)
 
 # (learning rate on SmolLM2, learning rate on the --quick tiny model)
 METHODS = {"lora": (2e-3, 3e-3), "oft": (5e-4, 3e-3), "full": (1e-4, 1e-3)}
@@ -78,16 +79,6 @@ def snake_case_rows(n: int, rng: random.Random, exclude: set[str] = frozenset())
         seen.add(phrase)
         rows.append({"prompt": f"Convert to snake_case: {phrase}\nAnswer:", "completion": " " + "_".join(words)})
     return rows
-
-
-def tokenize_task(rows, tok):
-    """Prompt + completion + EOS; the loss is on the completion and EOS only."""
-    out = []
-    for r in rows:
-        p = tok(r["prompt"])["input_ids"]
-        ids = tok(r["prompt"] + r["completion"])["input_ids"] + [tok.eos_token_id]
-        out.append({"input_ids": ids, "labels": [-100] * len(p) + ids[len(p):]})
-    return out
 
 
 def load_base(args):

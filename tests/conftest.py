@@ -21,3 +21,9 @@ def tokenizer():
 @pytest.fixture
 def model(tokenizer):
     return make_model(vocab_size=len(tokenizer))
+
+
+@pytest.fixture(scope="session")
+def quick_base_dir(tmp_path_factory):
+    """One cache of the demos' tiny pretrained base per test session (the first demo test builds it)."""
+    return tmp_path_factory.getbasetemp() / "demo-base-quick"

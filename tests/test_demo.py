@@ -15,14 +15,14 @@ MAX_STEPS = 60
 
 
 @pytest.mark.timeout(240)
-def test_quick_demo_stops_itself_on_the_budget(tmp_path):
+def test_quick_demo_stops_itself_on_the_budget(tmp_path, quick_base_dir):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "TENSORBOARD_LOGGING_DIR"}  # events go under out/
     env["HF_HUB_OFFLINE"] = "1"
     cmd = [
         sys.executable, str(REPO / "examples" / "demo.py"), "--quick",
         "--output-dir", str(out), "--max-steps", str(MAX_STEPS),
-        "--cache-dir", str(tmp_path / "base"),  # a fresh base: the whole path, pretraining included
+        "--cache-dir", str(quick_base_dir),  # shared with the arena test: whichever runs first pretrains
     ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=230)

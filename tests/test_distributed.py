@@ -228,19 +228,23 @@ def test_a_fault_on_one_rank_raises_probe_failure_on_every_rank(probe_ranks, sin
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("train_ddp")
+def _torchrun_train(work, *script_args):
+    """train_ddp.py under torchrun with 2 processes; returns (work, [rank0 report, rank1 report])."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(SCRIPTS / "train_ddp.py"), str(work), str(TRAIN_MAX_STEPS), str(TRAIN_LR),
+        str(SCRIPTS / "train_ddp.py"), str(work), *map(str, script_args),
     ]
     env = _env()
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     _run_all([(cmd, env)], [work / "torchrun.txt"], WORKER_TIMEOUT_S)
     return work, _read_ranks(work)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    return _torchrun_train(tmp_path_factory.mktemp("train_ddp"), TRAIN_MAX_STEPS, TRAIN_LR)
 
 
 def test_ddp_run_is_real_ddp_with_two_ranks(ddp_run):
@@ -393,17 +397,7 @@ def test_geometry_keys_identical_on_both_ranks_and_equal_to_single_process(tmp_p
 
 @pytest.fixture(scope="module")
 def ddp_rewind_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("train_ddp_rewind")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(SCRIPTS / "train_ddp.py"), str(work), "16", str(TRAIN_LR * 3), "rewind",
-    ]
-    env = _env()
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    _run_all([(cmd, env)], [work / "torchrun.txt"], WORKER_TIMEOUT_S)
-    return work, _read_ranks(work)
+    return _torchrun_train(tmp_path_factory.mktemp("train_ddp_rewind"), 16, TRAIN_LR * 3, "rewind")
 
 
 def test_ddp_rewind_keeps_ranks_in_step(ddp_rewind_run):

@@ -145,3 +145,18 @@ def geometry_metrics_for(runner: Any, ctx: Any, mode: str) -> dict[str, float]:
             if mode == "cache" or "lora_B" in name:
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
     return measure(False)
+
+
+def sharded_tiny_model(tokenizer: Any) -> Any:
+    """The tiny test model with each decoder layer and the root sharded by FSDP2 over 2 CPU ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from helpers import make_model
+
+    mesh = init_device_mesh("cpu", (2,))
+    model = make_model(seed=0, vocab_size=len(tokenizer))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model

@@ -18,24 +18,18 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 import dist_common as C  # noqa: E402,N812
 from arena_callbacks.distributed import current_context  # noqa: E402
 from arena_callbacks.rewind import capture_state, interpolate, load_state, path_rules  # noqa: E402
-from helpers import make_model, make_tokenizer  # noqa: E402
+from helpers import make_tokenizer  # noqa: E402
 
 out = Path(sys.argv[1])
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-mesh = init_device_mesh("cpu", (2,))
 tok = make_tokenizer()
 runner = C.build_runner(tok)
-model = make_model(seed=0, vocab_size=len(tok))
-for layer in model.model.layers:
-    fully_shard(layer, mesh=mesh)
-fully_shard(model, mesh=mesh)
+model = C.sharded_tiny_model(tok)
 ctx = current_context()
 
 theta0 = capture_state(model)
