@@ -685,9 +685,10 @@ class ForgettingMonitor(TrainerCallback):
         if not points:
             return
         try:
-            from .report import trajectory_image
+            from .report import rewound_indices, trajectory_image
 
-            image = trajectory_image(points, self.config.operating_point, f"stability-plasticity @ step {step}")
+            image = trajectory_image(points, self.config.operating_point, f"stability-plasticity @ step {step}",
+                                     rewound_indices(self.history.snapshots))
         except Exception as e:  # a plotting problem must not end training
             logger.warning("arena-callbacks: could not draw the stability-plasticity image (%s)", e)
             return

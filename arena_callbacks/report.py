@@ -68,8 +68,14 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 
 
 # --------------------------------------------------------------------------- trajectory
-def trajectory_figure(points: Sequence[SPPoint], config: OperatingPointConfig, title: str) -> tuple[Any, dict[str, Any]]:
-    """The (P, S) figure for ``points`` and the data it shows (see :func:`plot_trajectory`)."""
+def trajectory_figure(
+    points: Sequence[SPPoint], config: OperatingPointConfig, title: str, rewound: Sequence[int] = ()
+) -> tuple[Any, dict[str, Any]]:
+    """The (P, S) figure for ``points`` and the data it shows (see :func:`plot_trajectory`).
+
+    ``rewound``: indices of points that a rewind loaded; the move into each is drawn as a red
+    dashed arrow from the point before it (the breach), not as a training segment.
+    """
     pts = list(points)
     front = list(frontier(pts))
     op = operating_point(pts, config)
@@ -81,11 +87,20 @@ def trajectory_figure(points: Sequence[SPPoint], config: OperatingPointConfig, t
         "frontier": front,
         "operating_point": op,
         "overshoot_step": over,
+        "rewinds": [(pts[i - 1], pts[i]) for i in rewound if 0 < i < len(pts)],
     }
     fig = _figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
     if pts:
-        ax.plot(data["x"], data["y"], "-o", color="tab:blue", alpha=0.7, label="trajectory")
+        cuts = [0, *sorted(i for i in rewound if 0 < i < len(pts)), len(pts)]
+        for n, (a, b) in enumerate(zip(cuts, cuts[1:])):
+            seg = pts[a:b]
+            ax.plot([p.plasticity for p in seg], [p.stability for p in seg], "-o", color="tab:blue", alpha=0.7,
+                    label="trajectory" if n == 0 else None)
+        for k, (src, dst) in enumerate(data["rewinds"]):
+            ax.annotate("", xy=(dst.plasticity, dst.stability), xytext=(src.plasticity, src.stability),
+                        arrowprops={"arrowstyle": "->", "color": "tab:red", "ls": "--", "lw": 1.5})
+            ax.plot([], [], "--", color="tab:red", label="rewind" if k == 0 else None)
         for p in pts:
             ax.annotate(str(p.step), (p.plasticity, p.stability), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if front:
@@ -108,11 +123,19 @@ def trajectory_figure(points: Sequence[SPPoint], config: OperatingPointConfig, t
     return fig, data
 
 
-def trajectory_image(points: Sequence[SPPoint], config: OperatingPointConfig, title: str) -> Any:
+def rewound_indices(snapshots: Sequence[Any]) -> list[int]:
+    """Indices, among the snapshots with a finite (P, S), of those a rewind loaded."""
+    keys = ("sp/plasticity", "sp/stability")
+    snaps = [s for s in snapshots if all(k in s.metrics and math.isfinite(s.metrics[k]) for k in keys)]
+    return [i for i, s in enumerate(snaps) if s.trigger == "rewind"]
+
+
+def trajectory_image(points: Sequence[SPPoint], config: OperatingPointConfig, title: str,
+                     rewound: Sequence[int] = ()) -> Any:
     """The trajectory figure as an ``H × W × 3`` uint8 array (for TensorBoard's image tab)."""
     import numpy as np
 
-    fig, _ = trajectory_figure(points, config, title)
+    fig, _ = trajectory_figure(points, config, title, rewound)
     fig.set_dpi(80)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -124,8 +147,9 @@ def plot_trajectory(run: Run, path: str | Path) -> dict[str, Any]:
     Returns ``{"steps", "x", "y", "frontier": [SPPoint], "operating_point": SPPoint | None,
     "overshoot_step": int | None}``.
     """
+    rewound = rewound_indices(run.snapshots)
     fig, data = trajectory_figure(run.points(), run.config.operating_point,
-                                  f"{run.name}: stability-plasticity trajectory")
+                                  f"{run.name}: stability-plasticity trajectory", rewound)
     _save(fig, Path(path))
     return data
 

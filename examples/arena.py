@@ -118,7 +118,7 @@ def config_for(args) -> MonitorConfig:
     config = MonitorConfig.from_file(args.config)
     if args.quick:  # the tiny model's probes are called general/code, and it is probed more often
         data = config.model_dump(mode="json")
-        data["cadence"]["every_n_steps"] = 5
+        data["cadence"]["every_n_steps"] = 5  # (the same as the file; kept explicit for --quick)
         data["budgets"] = [{"key": "delta_nll/general", "max_rise": 0.5, "action": "rewind"}]
         data["geometry"]["tokens_per_module"] = 256
         config = MonitorConfig.model_validate(data)

@@ -109,6 +109,14 @@ def test_checkpoint_rewind_restores_the_exact_best_state_and_stops(tokenizer, tm
     assert on_disk[-1].trigger == "rewind" and on_disk[-1].extra["rewind"]["restored_step"] == expect.step
     summary = json.loads((tmp_path / "arena" / "summary.json").read_text())
     assert summary["stopped"] and summary["rewinds"][0]["restored_step"] == expect.step
+    # The report draws the rewind as a move from the breach to what was loaded, not a training step.
+    from arena_callbacks.report import plot_trajectory
+    from arena_callbacks.runs import load_run
+
+    drawn = plot_trajectory(load_run(tmp_path), tmp_path / "t.png")
+    (src, dst), = drawn["rewinds"]
+    assert (src.step, dst.step) == (breach_step, breach_step)
+    assert dst.stability == pytest.approx(snaps[-1].metrics["sp/stability"])
     assert "rewinding" in summary["stop_message"]
 
 
