@@ -222,3 +222,15 @@ def test_resume_refuses_other_probes(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="differ from this monitor's"):
         make_trainer(tokenizer, tmp_path, other, max_steps=6, save_strategy="steps",
                      save_steps=4).train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_rewind_under_zero3_is_refused_at_train_start(tmp_path):
+    from pathlib import Path
+
+    monitor = ForgettingMonitor(config({"mode": "checkpoint"}), probes={"general": GENERAL})
+    monitor.output_dir = Path(tmp_path)
+    model = pretrained_model()
+    next(model.parameters()).ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    with pytest.raises(ValueError, match="ZeRO-3") as e:
+        monitor._setup_rewind(model)
+    assert "ZeRO-2" in str(e.value) and "arena-callbacks rewind" in str(e.value)
