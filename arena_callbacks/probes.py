@@ -16,6 +16,8 @@ models never see a rank-0-only forward.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import inspect
 import json
 import logging
@@ -27,7 +29,6 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from .config import ProbeSettings
 from .distributed import DistContext
@@ -280,11 +281,21 @@ def _tokenize_probe(probe: ProbeSet, tokenizer: Any, settings: ProbeSettings) ->
 # The probe pass
 # --------------------------------------------------------------------------------------
 
+# A multiple-choice row whose choices share at least this many leading tokens runs that
+# context once (see _Batch). Shorter contexts run in full with every choice: the saving is a
+# few tokens per choice, and a forward that carries whole sequences is the simpler one to read
+# in hooks and logs.
+_MIN_SHARED_PREFIX = 8
+
 
 class BatchObserver(Protocol):
     """Told, before each probe forward, which probe and sequences it carries.
 
-    ``probe`` is ``None`` for filler batches (and once after the pass, to reset).
+    The sequences are the forward's rows, left-padded to the longest. ``probe`` is ``None`` for
+    forwards whose rows the observer should ignore: filler batches, continuation forwards (the
+    later choices of a multiple-choice row whose context is shared carry only the tokens after
+    it; that context ran in full, with the row's first choice, in an earlier forward), and once
+    after the pass, to reset.
     """
 
     def before_batch(self, probe: str | None, seqs: Sequence[_Seq]) -> None: ...
@@ -317,28 +328,79 @@ class ProbeResult:
 # Per-probe sums that are all-reduced: nll_sum, tokens, correct, examples.
 _N_SUMS = 4
 
+_Key = tuple[int, int, int]  # (probe index, example, choice)
+
+
+@dataclass(frozen=True)
+class _Cont:
+    """A sequence scored as the continuation of a shared context.
+
+    The context (positions ``0 .. prefix - 1``) ran in row ``row`` of the full forward before,
+    whose keys and values are reused; this forward feeds positions ``prefix .. len - 2``.
+    """
+
+    seq: _Seq
+    row: int
+    prefix: int
+
 
 @dataclass
 class _Batch:
+    """One forward pass of the plan.
+
+    A *full* forward (``conts`` empty) carries whole sequences, left-padded. Some of its rows may
+    be the first choice of a multiple-choice row whose choices share a context (``shared``:
+    ``(row, prefix length, the other choices)``): the first choice is scored there, the others
+    get the prediction at the end of the context from that row, and those with more tokens run
+    as continuations in the forward(s) right after (``conts``), on the cached context.
+    """
+
     probe: int
     seqs: list[_Seq]
     dummy: bool = False
+    shared: list[tuple[int, int, tuple[_Seq, ...]]] = field(default_factory=list)
+    conts: list[_Cont] = field(default_factory=list)
+    cache: bool = False  # a full forward whose context cache the next forward(s) continue
+
+
+def _shared_prefix(group: Sequence[_Seq]) -> int:
+    """Leading tokens every sequence of ``group`` shares, up to the first scored token of any."""
+    first = group[0].ids
+    n = min(s.start for s in group)
+    for s in group[1:]:
+        i = 0
+        limit = min(n, len(s.ids))
+        while i < limit and s.ids[i] == first[i]:
+            i += 1
+        n = i
+    return n
 
 
 @dataclass
 class ProbeRunner:
     """Tokenises probe sets once and runs them on a model.
 
+    Each pass runs forwards only: batches are planned once per rank and kept, multiple-choice
+    rows with a shared context run that context once (the first choice in full, the others as
+    continuations of its cached keys and values, or from its last prediction alone when they
+    are one token long), and the vocabulary projection is applied only at scored positions.
+
     Example:
         >>> runner = ProbeRunner({"general": general_set}, ProbeSettings())  # doctest: +SKIP
         >>> runner.prepare(tokenizer)                                      # doctest: +SKIP
         >>> results = runner.run(model)                                    # doctest: +SKIP
+
+    Attributes:
+        last_scores: After a scoring pass, the summed log-probability of every sequence this
+            rank scored, by ``(probe, row index, choice)`` (choice 0 for text and completion).
     """
 
     probes: dict[str, ProbeSet]
     settings: ProbeSettings
+    last_scores: dict[tuple[str, int, int], float] = field(default_factory=dict, init=False, repr=False)
     _seqs: dict[str, list[_Seq]] = field(default_factory=dict, init=False, repr=False)
     _pad_id: int = field(default=0, init=False, repr=False)
+    _plans: dict[Any, list[_Batch]] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def prepared(self) -> bool:
@@ -353,6 +415,7 @@ class ProbeRunner:
                 "pass ForgettingMonitor(..., tokenizer=...)"
             )
         self._seqs = {name: _tokenize_probe(p, tokenizer, self.settings) for name, p in self.probes.items()}
+        self._plans = {}
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None)
@@ -362,15 +425,57 @@ class ProbeRunner:
         """The tokenised sequences of one probe (after :meth:`prepare`)."""
         return self._seqs[name]
 
-    def _batches(self, ctx: DistContext, only: Collection[str] | None = None) -> list[_Batch]:
+    def _batches(
+        self, ctx: DistContext, only: Collection[str] | None = None, *, share: bool = True, forward_only: bool = False
+    ) -> list[_Batch]:
+        """This rank's forwards: rows ``i`` with ``i % world_size == rank``, all choices of a row together.
+
+        Full forwards hold sequences sorted by length; each is followed by the continuation
+        forwards of its shared contexts (none when ``forward_only``: observers see the shared
+        context and first choice in the full forward, and nothing is scored).
+        """
+        key = (ctx.rank, ctx.world_size, None if only is None else frozenset(only), share, forward_only)
+        if key not in self._plans:
+            self._plans[key] = self._plan(ctx, only, share, forward_only)
+        return self._plans[key]
+
+    def _plan(self, ctx: DistContext, only: Collection[str] | None, share: bool, forward_only: bool) -> list[_Batch]:
+        bs = self.settings.batch_size
         batches: list[_Batch] = []
         for p_idx, (name, seqs) in enumerate(self._seqs.items()):
             if only is not None and name not in only:
                 continue
-            mine = [s for s in seqs if s.example % ctx.world_size == ctx.rank]
-            mine.sort(key=lambda s: (-len(s.ids), s.example, s.choice))  # batch by length
-            bs = self.settings.batch_size
-            batches.extend(_Batch(p_idx, mine[k : k + bs]) for k in range(0, len(mine), bs))
+            groups: dict[int, list[_Seq]] = {}
+            for s in seqs:
+                if s.example % ctx.world_size == ctx.rank:
+                    groups.setdefault(s.example, []).append(s)
+            full: list[_Seq] = []
+            rest_of: dict[int, tuple[int, tuple[_Seq, ...]]] = {}  # example -> (prefix, other choices)
+            for ex, group in groups.items():
+                prefix = _shared_prefix(group) if share and len(group) > 1 else 0
+                if prefix >= _MIN_SHARED_PREFIX:
+                    head, *rest = sorted(group, key=lambda s: s.choice)
+                    full.append(head)
+                    rest_of[ex] = (prefix, tuple(rest))
+                else:
+                    full.extend(group)
+            full.sort(key=lambda s: (-len(s.ids), s.example, s.choice))  # batch by length
+            for k in range(0, len(full), bs):
+                batch = _Batch(p_idx, full[k : k + bs])
+                conts: list[_Cont] = []
+                for r, s in enumerate(batch.seqs):
+                    if s.example in rest_of:
+                        prefix, rest = rest_of[s.example]
+                        batch.shared.append((r, prefix, rest))
+                        conts += [_Cont(j, r, prefix) for j in rest if len(j.ids) - 1 > prefix]
+                batches.append(batch)
+                if forward_only or not conts:
+                    continue
+                batch.cache = True
+                conts.sort(key=lambda c: (c.prefix - len(c.seq.ids), c.seq.example, c.seq.choice))
+                for m in range(0, len(conts), bs):
+                    chunk = conts[m : m + bs]
+                    batches.append(_Batch(p_idx, [c.seq for c in chunk], conts=chunk))
         return batches
 
     def run(
@@ -401,9 +506,20 @@ class ProbeRunner:
             raise RuntimeError("ProbeRunner.run called before prepare(tokenizer)")
         ctx = ctx or DistContext()
         model = getattr(model, "module", model)  # DDP/DataParallel wrappers
-        batches = self._batches(ctx, only)
+        error: Exception | None = None
+        # Every failure below is caught, never raised before the collectives: a rank that
+        # raised early would leave the others waiting in them.
+        fwd: _Forwarder | None = None
+        try:
+            fwd = _Forwarder.for_model(model, self._pad_id)
+        except Exception as e:
+            error = e
+        # The plan depends on the model only through whether it can continue from a cache,
+        # which every rank decides alike (same model class).
+        batches = list(self._batches(ctx, only, share=fwd is not None and fwd.cache_arg is not None,
+                                     forward_only=forward_only))
         n_total = ctx.all_reduce_max(len(batches))
-        # Ranks with fewer batches replay one of theirs (or any sequence) so that every rank
+        # Ranks with fewer forwards replay one of theirs (or any sequence) so that every rank
         # runs the same number of forwards; the results of those are discarded.
         filler = batches[0].seqs if batches else [next(s for seqs in self._seqs.values() for s in seqs)]
         names = list(self._seqs)
@@ -412,33 +528,25 @@ class ProbeRunner:
         # One extra row carries "this rank failed" so that a fault on one rank is known to all
         # after the single collective below, instead of leaving the others waiting.
         sums = torch.zeros(len(self._seqs) + 1, _N_SUMS, dtype=torch.float64)
-        error: Exception | None = None
-        per_seq: dict[tuple[int, int, int], tuple[float, int, bool, float]] = {}
-        device = _model_device(model)
+        scores = _Scores()
         was_training = model.training
         show_bar = ctx.is_main and (
             self.settings.progress_bar
             if self.settings.progress_bar is not None
             else n_total > self.settings.progress_min_batches
         )
-        # Every failure below is caught, never raised before the collectives: a rank that
-        # raised early would leave the others waiting in them.
-        flags = (False, False)
-        try:
-            flags = (_accepts(model, "position_ids"), _accepts(model, "logits_to_keep"))
-        except Exception as e:
-            error = e
         model.eval()
         try:
             with contextlib.ExitStack() as stack:
                 try:
                     stack.enter_context(torch.no_grad())
                     stack.enter_context(_without_mixed_precision_wrapper(model))
-                    stack.enter_context(_precision(device, self.settings.precision))
+                    stack.enter_context(_precision(_model_device(model), self.settings.precision))
                     if context is not None:
                         stack.enter_context(context)
                 except Exception as e:
                     error = error or e
+                head: _Head | None = None
                 for batch in _progress(batches, show_bar, desc):
                     # Agree before each forward: a rank that failed (say, out of memory in the
                     # log-softmax after its forward) must not leave a sharded model's other
@@ -446,25 +554,28 @@ class ProbeRunner:
                     if ctx.any(error is not None):
                         break
                     try:
-                        if observer is not None:
-                            observer.before_batch(None if batch.dummy else names[batch.probe], batch.seqs)
-                        out = _score_batch(model, batch.seqs, device, self._pad_id, *flags, forward_only=forward_only)
+                        assert fwd is not None
+                        if batch.conts:
+                            head = fwd.continuation(batch, head, scores, observer, names[batch.probe])
+                        else:
+                            if observer is not None:
+                                observer.before_batch(None if batch.dummy else names[batch.probe], batch.seqs)
+                            head = None  # free the previous context cache before this forward
+                            head = fwd.full(batch, scores, score=not (batch.dummy or forward_only))
                     except Exception as e:  # out of memory, a broken forward...: reported on every rank
                         error = e
+                        head = None
                         if torch.cuda.is_available():
                             torch.cuda.empty_cache()
-                        continue
-                    if batch.dummy or forward_only:
-                        continue
-                    for s, o in zip(batch.seqs, out):
-                        per_seq[(batch.probe, s.example, s.choice)] = o
         finally:
             model.train(was_training)
 
         if observer is not None:
             observer.before_batch(None, [])
         kinds = [self.probes[n].kind for n in self._seqs]
+        per_seq = scores.results()
         if error is None and not forward_only:
+            self.last_scores = {(names[p], ex, ch): v[3] for (p, ex, ch), v in per_seq.items()}
             try:
                 for p_idx, name in enumerate(self._seqs):
                     sums[p_idx] = torch.tensor(_local_sums(self.probes[name], kinds[p_idx], p_idx, per_seq))
@@ -516,70 +627,281 @@ def _local_sums(
     return [nll_sum, tokens, correct, examples]
 
 
-def _score_batch(
-    model: torch.nn.Module,
-    seqs: list[_Seq],
-    device: torch.device,
-    pad_id: int,
-    pass_positions: bool,
-    keep_supported: bool,
-    forward_only: bool = False,
-) -> list[tuple[float, int, bool, float]]:
-    """For each sequence: (sum NLL of scored tokens, their count, all greedy-correct, sum logprob).
+# --------------------------------------------------------------------------------------
+# Forwards and scoring
+# --------------------------------------------------------------------------------------
 
-    Left padding with explicit position ids puts every scored token in the last ``keep``
-    positions, so the vocabulary projection runs only there when the model supports
-    ``logits_to_keep``.
+
+class _Scores:
+    """Per-sequence sums (log-probability, tokens, all-greedy) filled batch by batch.
+
+    A later choice's prediction at the end of a shared context comes from the full forward and
+    is held as *pending* until its continuation is scored (it is dropped if the continuation
+    has to run in full instead).
     """
-    width = max(len(s.ids) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        input_ids[r, width - len(s.ids) :] = torch.tensor(s.ids)
-        mask[r, width - len(s.ids) :] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    keep = max(len(s.ids) - s.start + 1 for s in seqs)  # positions start-1 .. len-1 of the longest span
-    if forward_only:
-        keep = 1
-    kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
-    if pass_positions:
-        kwargs["position_ids"] = position_ids.to(device)
-    if keep_supported:
-        kwargs["logits_to_keep"] = keep
-    out = model(**kwargs)
-    if forward_only:
-        return []
-    logits = out["logits"] if isinstance(out, Mapping) else out[0]
-    if not keep_supported:
-        logits = logits[:, -keep:, :]
-    logits = logits.float()
-    # logits[:, k] predicts token at absolute position width - keep + k + 1.
-    offset = width - keep
-    results = []
-    for r, s in enumerate(seqs):
-        pad = width - len(s.ids)
-        first = pad + s.start  # absolute position of the first scored token
-        targets = input_ids[r, first:].to(logits.device)
-        rows = logits[r, first - 1 - offset : width - 1 - offset]
-        logp = F.log_softmax(rows, dim=-1)
-        tok_lp = logp.gather(-1, targets[:, None]).squeeze(-1).double()
-        greedy = bool((rows.argmax(-1) == targets).all().item())
-        lp_sum = float(tok_lp.sum().item())
-        results.append((-lp_sum, int(targets.numel()), greedy, lp_sum))
-    return results
+
+    def __init__(self) -> None:
+        self._acc: dict[_Key, list[Any]] = {}
+        self.pending: dict[_Key, tuple[float, int, bool]] = {}
+
+    def add(self, key: _Key, lp: float, n: int, greedy: bool, *, pending: bool = False) -> None:
+        if pending:
+            self.pending[key] = (lp, n, greedy)
+            return
+        acc = self._acc.setdefault(key, [0.0, 0, True])
+        acc[0] += lp
+        acc[1] += n
+        acc[2] = acc[2] and greedy
+
+    def settle(self, key: _Key, keep: bool) -> None:
+        held = self.pending.pop(key, None)
+        if held is not None and keep:
+            self.add(key, *held)
+
+    def results(self) -> dict[_Key, tuple[float, int, bool, float]]:
+        """``(NLL sum, tokens, all greedy-correct, log-probability sum)`` per sequence."""
+        return {k: (-lp, n, greedy, lp) for k, (lp, n, greedy) in self._acc.items()}
+
+
+@dataclass
+class _Requests:
+    """Scored positions of one forward: target token at (row, position), summed per key."""
+
+    rows: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    seg: list[int] = field(default_factory=list)
+    keys: list[_Key] = field(default_factory=list)
+    pending: list[bool] = field(default_factory=list)
+
+    def span(self, key: _Key, row: int, positions: range, targets: Sequence[int], *, pending: bool = False) -> None:
+        """Score ``targets`` from the predictions at ``positions`` of ``row``."""
+        k = len(self.keys)
+        self.keys.append(key)
+        self.pending.append(pending)
+        for q, t in zip(positions, targets):
+            self.rows.append(row)
+            self.pos.append(q)
+            self.targets.append(t)
+            self.seg.append(k)
+
+
+@dataclass
+class _Head:
+    """The context cache of a full forward, for the continuation forwards after it."""
+
+    cache: Any
+    width: int
+    pads: list[int]
+
+
+@dataclass
+class _Forwarder:
+    """Runs planned forwards on one model and scores them.
+
+    ``keep``: how logits are limited to scored positions: ``mask`` (``logits_to_keep`` as a
+    boolean row × position mask: transformers ≥ 5), ``tail`` (``logits_to_keep`` as the number of
+    last positions), or ``none`` (all logits). ``cache_arg``: the forward's cache argument
+    (``cache`` or ``past_key_values``), ``None`` when the model cannot continue from one.
+    """
+
+    model: torch.nn.Module
+    pad_id: int
+    device: torch.device
+    positions: bool
+    keep: str
+    cache_arg: str | None
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, pad_id: int) -> _Forwarder:
+        get_base = getattr(model, "get_base_model", None)  # PEFT wrappers pass kwargs through
+        target = get_base() if callable(get_base) else model
+        params = inspect.signature(target.forward).parameters
+        keep = "none"
+        if "logits_to_keep" in params:
+            keep = "mask" if _transformers_model(target) and _mask_keep_supported() else "tail"
+        cache_arg = next((a for a in ("cache", "past_key_values") if a in params), None)
+        if "position_ids" not in params or getattr(target, "_is_stateful", False):
+            cache_arg = None  # continuations need explicit positions and an attention (KV) cache
+        return cls(model, pad_id, _model_device(model), "position_ids" in params, keep, cache_arg)
+
+    def full(self, batch: _Batch, scores: _Scores, *, score: bool) -> _Head | None:
+        seqs = batch.seqs
+        width = max(len(s.ids) for s in seqs)
+        pads = [width - len(s.ids) for s in seqs]
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            input_ids[r, pads[r] :] = torch.tensor(s.ids)
+            mask[r, pads[r] :] = 1
+        kwargs: dict[str, Any] = {"attention_mask": mask}
+        if self.positions:
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        want_cache = score and batch.cache and self.cache_arg is not None
+        if not score:
+            self._forward(input_ids, kwargs, None, use_cache=False)
+            return None
+        req = _Requests()
+        for r, s in enumerate(seqs):
+            req.span((batch.probe, s.example, s.choice), r, range(pads[r] + s.start - 1, width - 1), s.ids[s.start :])
+        for r, prefix, rest in batch.shared:
+            # Every choice's prediction at the end of the shared context is this row's.
+            for j in rest:
+                if j.start == prefix:
+                    req.span((batch.probe, j.example, j.choice), r, range(pads[r] + prefix - 1, pads[r] + prefix),
+                             j.ids[prefix : prefix + 1], pending=len(j.ids) - 1 > prefix)
+        keep = _position_mask(input_ids.shape, req)
+        out = self._forward(input_ids, kwargs, keep, use_cache=want_cache)
+        self._score(out, keep, req, scores)
+        if not want_cache:
+            return None
+        return _Head(_output_cache(out, self.cache_arg), width, pads)
+
+    def continuation(
+        self, batch: _Batch, head: _Head | None, scores: _Scores, observer: BatchObserver | None, probe: str
+    ) -> _Head | None:
+        conts = batch.conts
+        n_in = [len(c.seq.ids) - 1 - c.prefix for c in conts]  # the last token is only a target
+        width = max(n_in)
+        keys = [(batch.probe, c.seq.example, c.seq.choice) for c in conts]
+        if head is None or not _cache_fits(head.cache, head.width, head.width + width):
+            # No usable cache (a model whose cache is not a plain per-layer key/value store):
+            # the same number of forwards, with these sequences in full.
+            for k in keys:
+                scores.settle(k, keep=False)
+            if observer is not None:
+                observer.before_batch(probe, batch.seqs)
+            self.full(_Batch(batch.probe, batch.seqs), scores, score=True)
+            return head
+        if observer is not None:
+            observer.before_batch(None, [])
+        rows = torch.tensor([c.row for c in conts])
+        input_ids = torch.full((len(conts), width), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros((len(conts), width), dtype=torch.long)
+        mask = torch.zeros((len(conts), head.width + width), dtype=torch.long)
+        req = _Requests()
+        for i, (c, n) in enumerate(zip(conts, n_in)):
+            pad = width - n
+            ids = c.seq.ids
+            input_ids[i, pad:] = torch.tensor(ids[c.prefix : c.prefix + n])
+            position_ids[i, pad:] = torch.arange(c.prefix, c.prefix + n)
+            ctx_start = head.pads[c.row]
+            mask[i, ctx_start : ctx_start + c.prefix] = 1  # the shared context only, not the first choice
+            mask[i, head.width + pad :] = 1
+            first = max(c.seq.start - 1, c.prefix)
+            req.span(keys[i], i, range(pad + first - c.prefix, width), ids[first + 1 :])
+        cache = _select_rows(head.cache, rows.to(self.device))
+        kwargs = {"attention_mask": mask, "position_ids": position_ids, self.cache_arg: cache}
+        keep = _position_mask(input_ids.shape, req)
+        out = self._forward(input_ids, kwargs, keep, use_cache=True)
+        for k in keys:
+            scores.settle(k, keep=True)
+        self._score(out, keep, req, scores)
+        return head
+
+    def _forward(self, input_ids: torch.Tensor, kwargs: dict[str, Any], keep: torch.Tensor | None, use_cache: bool) -> Any:
+        """The model's forward; logits only where ``keep`` (row × position) is set, as far as it allows."""
+        kwargs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        kwargs["input_ids"] = input_ids.to(self.device)
+        kwargs["use_cache"] = use_cache
+        if self.keep != "none":
+            if keep is None:
+                kwargs["logits_to_keep"] = 1
+            elif self.keep == "mask":
+                kwargs["logits_to_keep"] = keep.to(self.device)
+            else:
+                kwargs["logits_to_keep"] = input_ids.shape[1] - int(keep.any(0).nonzero()[0])
+        return self.model(**kwargs)
+
+    def _score(self, out: Any, keep: torch.Tensor, req: _Requests, scores: _Scores) -> None:
+        logits = out["logits"] if isinstance(out, Mapping) else out[0]
+        shape = keep.shape
+        n_keep = int(keep.sum())
+        if logits.dim() == 3 and logits.shape[0] == 1 and logits.shape[1] == n_keep and shape[0] != 1:
+            logits = logits[0]
+        if logits.dim() == 3:  # all positions, or the last ones: pick the scored ones
+            rows, pos = keep.nonzero(as_tuple=True)
+            logits = logits[rows.to(logits.device), (pos - (shape[1] - logits.shape[1])).to(logits.device)]
+        if logits.shape[0] != n_keep:
+            raise RuntimeError(f"the model returned logits of shape {tuple(logits.shape)} for {n_keep} kept positions")
+        # Index of each request's position among the kept ones (row-major order).
+        index = torch.full((shape[0] * shape[1],), -1, dtype=torch.long)
+        index[keep.flatten()] = torch.arange(n_keep)
+        flat = torch.tensor(req.rows) * shape[1] + torch.tensor(req.pos)
+        at = index[flat].to(logits.device)
+        targets = torch.tensor(req.targets, device=logits.device)
+        logits = logits.float()
+        # log_softmax(x)[t] = x[t] - logsumexp(x), without a vocabulary-sized copy per position.
+        lse = torch.logsumexp(logits, dim=-1)
+        tok_lp = (logits[at, targets] - lse[at]).double().cpu()
+        wrong = (logits.argmax(-1)[at] != targets).cpu()
+        seg = torch.tensor(req.seg)
+        lp_sum = torch.zeros(len(req.keys), dtype=torch.float64).index_add_(0, seg, tok_lp)
+        n = torch.bincount(seg, minlength=len(req.keys))
+        n_wrong = torch.bincount(seg, weights=wrong.double(), minlength=len(req.keys))
+        for k, key in enumerate(req.keys):
+            scores.add(key, float(lp_sum[k]), int(n[k]), bool(n_wrong[k] == 0), pending=req.pending[k])
+
+
+def _position_mask(shape: torch.Size, req: _Requests) -> torch.Tensor:
+    keep = torch.zeros(tuple(shape), dtype=torch.bool)
+    keep[torch.tensor(req.rows), torch.tensor(req.pos)] = True
+    return keep
+
+
+def _output_cache(out: Any, name: str | None) -> Any:
+    if not isinstance(out, Mapping) or name is None:
+        return None
+    for key in (name, "cache", "past_key_values"):  # transformers 5 returns ``cache``, 4.x ``past_key_values``
+        if out.get(key) is not None:
+            return out[key]
+    return None
+
+
+def _cache_fits(cache: Any, width: int, total: int) -> bool:
+    """Whether ``cache`` holds exactly ``width`` positions in every layer, none of them windowed away."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not callable(getattr(layers[0], "batch_select_indices", None)):
+        return False
+    for layer in layers:
+        keys = getattr(layer, "keys", None)
+        if not getattr(layer, "is_initialized", True) or keys is None or keys.dim() != 4 or keys.shape[-2] != width:
+            return False
+        if getattr(layer, "is_sliding", False) and getattr(layer, "sliding_window", 0) <= total:
+            return False
+    return True
+
+
+def _select_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A new cache holding ``rows`` of ``cache`` (repeated as often as given); ``cache`` is kept."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer in new.layers:
+        layer.batch_select_indices(rows)
+    return new
+
+
+def _transformers_model(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.")
+
+
+@functools.lru_cache(maxsize=1)
+def _mask_keep_supported() -> bool:
+    """Whether this transformers' ``logits_to_keep`` takes a boolean (batch, position) mask."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+
+        hidden = torch.zeros(2, 3, 1)
+        keep = torch.tensor([[True, False, True], [False, False, True]])
+        return tuple(slice_logits_to_keep(hidden, keep).shape) == (3, 1)
+    except Exception:
+        return False
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    """Whether the model's (base) forward takes ``name``. PEFT wrappers pass kwargs through."""
-    get_base = getattr(model, "get_base_model", None)
-    target = get_base() if callable(get_base) else model
-    return name in inspect.signature(target.forward).parameters
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,0 +1,293 @@
+"""The probe runner's fast paths give the plain numbers.
+
+Multiple-choice rows whose choices share a context run it once: the first choice in full, the
+later ones as continuations of its cached keys and values (or, one token long, from its last
+prediction alone); logits are computed only at scored positions. Every sequence's summed
+log-probability must equal an unpadded one-sequence forward with full logits (float64
+log-softmax), with padding, odd lengths, several batch sizes and ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import arena_callbacks.probes as P
+from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
+from arena_callbacks.capture import ActivationCapture, resolve_modules
+from arena_callbacks.distributed import DistContext
+from helpers import corpus, make_model
+
+# Contexts of 28-44 tokens, above the sharing threshold.
+CONTEXTS = [" ".join(corpus(2, seed=i)) for i in range(7)]
+ENDINGS = [" runs.", " sings into the river and the sea.", " is", " one two three four five six seven.", " a dog"]
+# Two to four choices per row, of 1 to 9 tokens, the answer anywhere.
+MULTI = [
+    {"context": c, "choices": [ENDINGS[(i + j) % len(ENDINGS)] for j in range(2 + i % 3)], "answer": i % 2}
+    for i, c in enumerate(CONTEXTS)
+]
+ONE_TOKEN = [" the", " model", " green", " fish", " and"]  # one token each after a context (checked below)
+SINGLE = [{"question": c, "choices": ONE_TOKEN[: 2 + i % 4], "label": i % 2} for i, c in enumerate(CONTEXTS)]
+SHORT = [{"context": "the cat", "choices": [" runs.", " sings into the river.", " is"], "answer": 0}]
+
+
+def build(tokenizer, settings=None, **probes) -> ProbeRunner:
+    settings = settings or ProbeSettings(batch_size=3)
+    r = ProbeRunner({n: ProbeSet.build(n, d, settings) for n, d in probes.items()}, settings)
+    r.prepare(tokenizer)
+    return r
+
+
+def reference(model, runner: ProbeRunner) -> dict[tuple[str, int, int], float]:
+    """Summed log-probability of every sequence: one unpadded forward each, float64 log-softmax."""
+    out = {}
+    with torch.no_grad():
+        for name in runner.probes:
+            for s in runner.sequences(name):
+                logits = model(input_ids=torch.tensor([s.ids])).logits[0].double()
+                lp = torch.log_softmax(logits[s.start - 1 : len(s.ids) - 1], -1)
+                out[(name, s.example, s.choice)] = lp.gather(-1, torch.tensor(s.ids[s.start :])[:, None]).sum().item()
+    return out
+
+
+def assert_scores_close(got: dict, want: dict, tol: float = 1e-5) -> None:
+    assert set(got) == set(want)
+    worst = max(abs(got[k] - want[k]) for k in want)
+    assert worst <= tol, f"largest |log-likelihood difference| {worst:.2e}"
+
+
+def count_forwards(model) -> tuple[list[list[int]], object]:
+    """Real (unmasked) lengths of the rows of every forward; returns (record, hook handle)."""
+    seen: list[list[int]] = []
+
+    def hook(module, args, kwargs):
+        seen.append([int(n) for n in kwargs["attention_mask"].sum(-1)])
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_one_token_choices_are_one_token(tokenizer):
+    r = build(tokenizer, mc=SINGLE)
+    assert all(len(s.ids) - s.start == 1 for s in r.sequences("mc"))
+    assert all(P._shared_prefix([s for s in r.sequences("mc") if s.example == i]) >= P._MIN_SHARED_PREFIX
+               for i in range(len(SINGLE)))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batch_size):
+    model = make_model(vocab_size=len(tokenizer), kind=kind)
+    r = build(tokenizer, ProbeSettings(batch_size=batch_size), mc=MULTI, one=SINGLE, text=[{"text": c} for c in CONTEXTS])
+    plan = r._batches(DistContext())
+    assert any(b.conts for b in plan), "no continuation forward: the shared path was not taken"
+    # Full forwards carry one row per multiple-choice example, not one per choice.
+    full_rows = sum(len(b.seqs) for b in plan if not b.conts and b.probe in (0, 1))
+    assert full_rows == len(MULTI) + len(SINGLE)
+    results = r.run(model)
+    assert_scores_close(r.last_scores, reference(model, r))
+    # Continuation forwards: never more rows than the batch size.
+    assert max(len(b.seqs) for b in plan) <= batch_size
+    # The aggregate follows from the same numbers.
+    for name, rows in (("mc", MULTI), ("one", SINGLE)):
+        correct = sum(
+            max(range(len(row["choices"])), key=lambda j: (r.last_scores[(name, i, j)], -j))
+            == row.get("answer", row.get("label"))
+            for i, row in enumerate(rows)
+        )
+        assert results[name].score == correct / len(rows)
+
+
+def test_shared_and_plain_paths_agree(tokenizer, model, monkeypatch):
+    shared = build(tokenizer, ProbeSettings(batch_size=4), mc=MULTI, one=SINGLE)
+    a = shared.run(model)
+    monkeypatch.setattr(P, "_MIN_SHARED_PREFIX", 10**9)
+    plain = build(tokenizer, ProbeSettings(batch_size=4), mc=MULTI, one=SINGLE)
+    assert not any(b.conts for b in plain._batches(DistContext()))
+    b = plain.run(model)
+    for k in a:
+        assert a[k].score == b[k].score and a[k].tokens == b[k].tokens and a[k].examples == b[k].examples
+        assert a[k].nll == pytest.approx(b[k].nll, rel=1e-6)
+    assert_scores_close(shared.last_scores, plain.last_scores)
+
+
+def test_one_token_choices_run_one_forward_per_batch_of_questions(tokenizer, model):
+    r = build(tokenizer, ProbeSettings(batch_size=3), one=SINGLE)
+    seen, handle = count_forwards(model)
+    r.run(model)
+    handle.remove()
+    assert len(seen) == math.ceil(len(SINGLE) / 3)  # no continuation forwards at all
+    lengths = sorted(n for batch in seen for n in batch)
+    assert lengths == sorted(len(s.ids) for s in r.sequences("one") if s.choice == 0)
+    assert_scores_close(r.last_scores, reference(model, r))
+
+
+def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer, model):
+    r = build(tokenizer, ProbeSettings(batch_size=16), mc=MULTI)
+    seen, handle = count_forwards(model)
+    r.run(model)
+    handle.remove()
+    seqs = r.sequences("mc")
+    prefix = {i: P._shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
+    first, conts = seen[0], seen[1:]
+    assert sorted(first) == sorted(len(s.ids) for s in seqs if s.choice == 0)
+    # Later choices: the cached context (prefix positions) plus their own tokens but the last.
+    want = sorted(prefix[s.example] + len(s.ids) - 1 - prefix[s.example] for s in seqs
+                  if s.choice > 0 and len(s.ids) - 1 > prefix[s.example])
+    assert sorted(n for batch in conts for n in batch) == want
+
+
+def test_short_contexts_run_whole_sequences(tokenizer, model):
+    r = build(tokenizer, mc=SHORT)
+    assert P._shared_prefix(r.sequences("mc")) < P._MIN_SHARED_PREFIX
+    seen, handle = count_forwards(model)
+    r.run(model)
+    handle.remove()
+    assert sorted(n for batch in seen for n in batch) == sorted(len(s.ids) for s in r.sequences("mc"))
+    assert_scores_close(r.last_scores, reference(model, r))
+
+
+def test_truncated_rows_that_share_no_prefix(tokenizer, model):
+    long_ctx = " ".join(corpus(6, seed=3))
+    rows = [{"context": long_ctx, "choices": [" one", " two three four five six seven eight nine"], "answer": 0}]
+    s = ProbeSettings(batch_size=2, max_length=40, truncate=True)
+    r = build(tokenizer, s, mc=rows, multi=MULTI[:2])
+    seqs = r.sequences("mc")
+    assert max(len(q.ids) for q in seqs) == 40 and seqs[0].ids[:5] != seqs[1].ids[:5]  # cut by different amounts
+    r.run(model)
+    assert_scores_close(r.last_scores, reference(model, r))
+
+
+def test_unusable_cache_falls_back_to_whole_sequences_in_as_many_forwards(tokenizer, model, monkeypatch):
+    r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI)
+    n_plan = len(r._batches(DistContext()))
+    monkeypatch.setattr(P, "_cache_fits", lambda *a: False)
+    seen, handle = count_forwards(model)
+    r.run(model)
+    handle.remove()
+    assert len(seen) == n_plan
+    assert_scores_close(r.last_scores, reference(model, r))
+
+
+class _Plain(torch.nn.Module):
+    """A model without ``logits_to_keep`` (all logits) whose cache argument is ``past_key_values``."""
+
+    def __init__(self, inner: torch.nn.Module, cache: bool = True):
+        super().__init__()
+        self.inner = inner
+        if not cache:
+            self.forward = self._forward_no_cache
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=past_key_values, use_cache=use_cache)
+        return {"logits": out.logits, "past_key_values": out.cache}
+
+    def _forward_no_cache(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
+        return {"logits": self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits}
+
+
+@pytest.mark.parametrize("variant", ["logits_to_keep as last positions", "all logits", "no cache"])
+def test_models_without_masked_logits_or_cache(tokenizer, model, monkeypatch, variant):
+    r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI, one=SINGLE, text=[{"text": c} for c in CONTEXTS])
+    want = reference(model, r)
+    target = model
+    if variant == "logits_to_keep as last positions":
+        monkeypatch.setattr(P, "_mask_keep_supported", lambda: False)
+    else:
+        target = _Plain(model, cache=variant != "no cache")
+    fwd = P._Forwarder.for_model(target, 0)
+    assert fwd.keep == {"logits_to_keep as last positions": "tail"}.get(variant, "none")
+    assert (fwd.cache_arg is None) == (variant == "no cache")
+    r.run(target)
+    assert_scores_close(r.last_scores, want)
+
+
+def test_forward_only_runs_each_shared_context_once(tokenizer, model):
+    r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI, short=SHORT)
+    plan = r._batches(DistContext(), forward_only=True)
+    assert not any(b.conts for b in plan)
+    rows = [(b.probe, s.example, s.choice) for b in plan for s in b.seqs]
+    assert sorted(rows) == sorted([(0, i, 0) for i in range(len(MULTI))] + [(1, 0, j) for j in range(3)])
+    seen, handle = count_forwards(model)
+    assert r.run(model, forward_only=True) == {}
+    handle.remove()
+    assert len(seen) == len(plan)
+
+
+def test_capture_on_a_shared_multiple_choice_probe_equals_direct_outputs(tokenizer, model):
+    """Geometry rides on choice 0 of each row, which runs in full: capture is unchanged."""
+    r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI)
+    assert any(b.conts for b in r._batches(DistContext()))
+    mods = resolve_modules(model, ["layers.1.mlp.down_proj", "final_norm"])
+    keys = ActivationCapture.sample_tokens({"mc": r.sequences("mc")}, 50, seed=0)
+    cap = ActivationCapture(mods, keys)
+    with cap.hooks():
+        r.run(model, observer=cap)
+    got = cap.collect(DistContext())
+    outs = {}
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n, m in mods.items()]
+    seqs = {(s.example, s.choice): s for s in r.sequences("mc")}
+    want = {n: [] for n in mods}
+    with torch.no_grad():
+        for _, ex, ch, t in keys:
+            model(input_ids=torch.tensor([seqs[(ex, ch)].ids]))
+            for n in mods:
+                want[n].append(outs[n][0, t])
+    for h in handles:
+        h.remove()
+    for n in mods:
+        assert got[n].shape == (50, 32)
+        torch.testing.assert_close(got[n], torch.stack(want[n]), rtol=1e-5, atol=1e-5)
+
+
+def test_peft_model_continues_from_the_cache_with_and_without_adapters(tokenizer, model):
+    peft = pytest.importorskip("peft")
+    r = build(tokenizer, ProbeSettings(batch_size=4), mc=MULTI)
+    base = reference(model, r)
+    pm = peft.get_peft_model(make_model(vocab_size=len(tokenizer)), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert P._Forwarder.for_model(pm, 0).cache_arg is not None
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    r.run(pm)
+    moved = dict(r.last_scores)
+    assert_scores_close(moved, reference(pm, r))
+    assert max(abs(moved[k] - base[k]) for k in base) > 1e-3  # the adapter changed the numbers
+    r.run(pm, context=pm.disable_adapter())
+    assert_scores_close(r.last_scores, base)
+
+
+@dataclass(frozen=True)
+class _TwoRanks(DistContext):
+    """One rank of two, simulated in one process: the reductions return what both ranks would agree on."""
+
+    forwards: int = 0
+
+    def all_reduce_max(self, value: int) -> int:
+        return max(value, self.forwards)
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values.detach().to("cpu", torch.float64)
+
+    def any(self, flag: bool) -> bool:
+        return bool(flag)
+
+
+def test_ranks_split_rows_and_run_as_many_forwards(tokenizer, model):
+    r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI, one=SINGLE)
+    plans = [r._batches(DistContext(rank=k, world_size=2)) for k in range(2)]
+    n_total = max(len(p) for p in plans)
+    assert len(plans[0]) > len(plans[1])  # uneven: rank 1 replays filler forwards
+    merged = {}
+    for k in range(2):
+        seen, handle = count_forwards(model)
+        r.run(model, _TwoRanks(rank=k, world_size=2, forwards=n_total))
+        handle.remove()
+        assert len(seen) == n_total
+        assert {ex % 2 for (_, ex, _) in r.last_scores} == {k}  # only this rank's rows, all their choices
+        merged.update(r.last_scores)
+    assert_scores_close(merged, reference(model, r))
