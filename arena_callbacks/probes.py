@@ -8,9 +8,12 @@ Three kinds (DESIGN.md §2), told apart by their fields unless named explicitly:
 * ``completion``: ``{"prompt": ..., "completion": ...}``: teacher-forced exact match of the
   answer span (every answer token is the greedy prediction) and answer NLL.
 
-Rows are tokenised once (:meth:`ProbeRunner.prepare`); each pass only runs forwards. Examples
-are split across ranks, and every rank runs the same number of batches so that sharded
-models never see a rank-0-only forward.
+Rows are tokenised once (:meth:`ProbeRunner.prepare`) and planned into length-sorted batches
+once per rank; each pass only runs forwards. A multiple-choice row whose choices share a
+context runs that context once: its first choice in full, the others as continuations of the
+cached keys and values (one-token choices need no forward of their own); the vocabulary
+projection is applied only at scored positions. Examples are split across ranks, and every
+rank runs the same number of forwards so that sharded models never see a rank-0-only forward.
 """
 
 from __future__ import annotations
@@ -512,6 +515,7 @@ class ProbeRunner:
         fwd: _Forwarder | None = None
         try:
             fwd = _Forwarder.for_model(model, self._pad_id)
+            fwd.greedy = frozenset(i for i, n in enumerate(self._seqs) if self.probes[n].kind == "completion")
         except Exception as e:
             error = e
         # The plan depends on the model only through whether it can continue from a cache,
@@ -633,7 +637,7 @@ def _local_sums(
 
 
 class _Scores:
-    """Per-sequence sums (log-probability, tokens, all-greedy) filled batch by batch.
+    """Per-sequence sums (log-probability, tokens, all greedy-correct) filled batch by batch.
 
     A later choice's prediction at the end of a shared context comes from the full forward and
     is held as *pending* until its continuation is scored (it is dropped if the continuation
@@ -711,6 +715,7 @@ class _Forwarder:
     positions: bool
     keep: str
     cache_arg: str | None
+    greedy: frozenset[int] = frozenset()  # probes whose score needs the greedy check (completion)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, pad_id: int) -> _Forwarder:
@@ -834,7 +839,10 @@ class _Forwarder:
         # log_softmax(x)[t] = x[t] - logsumexp(x), without a vocabulary-sized copy per position.
         lse = torch.logsumexp(logits, dim=-1)
         tok_lp = (logits[at, targets] - lse[at]).double().cpu()
-        wrong = (logits.argmax(-1)[at] != targets).cpu()
+        if req.keys and req.keys[0][0] in self.greedy:
+            wrong = (logits.argmax(-1)[at] != targets).cpu()
+        else:  # only exact match reads it: skip a pass over the logits
+            wrong = torch.zeros(len(req.targets), dtype=torch.bool)
         seg = torch.tensor(req.seg)
         lp_sum = torch.zeros(len(req.keys), dtype=torch.float64).index_add_(0, seg, tok_lp)
         n = torch.bincount(seg, minlength=len(req.keys))

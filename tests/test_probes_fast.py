@@ -76,8 +76,10 @@ def test_one_token_choices_are_one_token(tokenizer):
                for i in range(len(SINGLE)))
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-@pytest.mark.parametrize("batch_size", [1, 3, 16])
+_REFERENCES: dict[str, dict] = {}
+
+
+@pytest.mark.parametrize("kind, batch_size", [("llama", 2), ("llama", 16), ("gpt2", 3)])
 def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batch_size):
     model = make_model(vocab_size=len(tokenizer), kind=kind)
     r = build(tokenizer, ProbeSettings(batch_size=batch_size), mc=MULTI, one=SINGLE, text=[{"text": c} for c in CONTEXTS])
@@ -87,7 +89,9 @@ def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batc
     full_rows = sum(len(b.seqs) for b in plan if not b.conts and b.probe in (0, 1))
     assert full_rows == len(MULTI) + len(SINGLE)
     results = r.run(model)
-    assert_scores_close(r.last_scores, reference(model, r))
+    if kind not in _REFERENCES:  # the same seeded model and rows for every batch size
+        _REFERENCES[kind] = reference(model, r)
+    assert_scores_close(r.last_scores, _REFERENCES[kind])
     # Continuation forwards: never more rows than the batch size.
     assert max(len(b.seqs) for b in plan) <= batch_size
     # The aggregate follows from the same numbers.
@@ -291,3 +295,43 @@ def test_ranks_split_rows_and_run_as_many_forwards(tokenizer, model):
         assert {ex % 2 for (_, ex, _) in r.last_scores} == {k}  # only this rank's rows, all their choices
         merged.update(r.last_scores)
     assert_scores_close(merged, reference(model, r))
+
+
+def test_two_process_gloo_group_with_shared_contexts(tokenizer, model, tmp_path):
+    """Real ranks: each runs as many forwards as the busiest, scores only its rows, and the
+    all-reduced results equal one process's."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    script = str(tests / "dist_scripts" / "shared_prefix_worker.py")
+    procs = [subprocess.Popen([sys.executable, script, str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    try:
+        outs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    single = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI, one=SINGLE)
+    want = single.run(model)
+    assert ranks[0]["planned"] != ranks[1]["planned"]  # uneven: one rank ran filler forwards
+    for rank in ranks:
+        assert rank["forwards"] == max(r["planned"] for r in ranks)
+        assert {ex % 2 for _, ex, _, _ in rank["scores"]} == {rank["rank"]}
+        for name, (nll, score, examples, tokens) in rank["results"].items():
+            assert (score, examples, tokens) == (want[name].score, want[name].examples, want[name].tokens)
+            assert nll == pytest.approx(want[name].nll, rel=1e-6)
+    merged = {(p, ex, ch): v for rank in ranks for p, ex, ch, v in rank["scores"]}
+    assert_scores_close(merged, single.last_scores)
