@@ -1,0 +1,210 @@
+"""Run every benchmark and write ``benchmarks/RESULTS.md``: each ratio against its target.
+
+Each script runs in its own process with its defaults (a few minutes each on two CPU cores)
+and writes its JSON under ``benchmarks/results/``; this script then reads those files and
+writes the report: the machine (CPU model, cores, threads, load), package versions, date, and
+PASS/FAIL per target.
+
+    python benchmarks/run_all.py                 # run everything, then write RESULTS.md
+    python benchmarks/run_all.py --only memory   # run some, report from all JSON files present
+    python benchmarks/run_all.py --report-only   # only rewrite RESULTS.md from the JSON files
+
+The GPU variant (``benchmarks/gpu.py``) writes ``*_cuda.json`` files, reported here when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, ROOT, machine  # noqa: E402
+
+BENCH = ROOT / "benchmarks"
+SCRIPTS = ("probe_throughput", "geometry_spectra", "memory", "scaling", "overhead")
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "**FAIL**")
+
+
+# --------------------------------------------------------------------------------------
+# Rows of the summary table: (benchmark, measure, value, target, verdict)
+# --------------------------------------------------------------------------------------
+
+
+def throughput_rows(data: dict[str, Any], suffix: str = "") -> list[tuple[str, ...]]:
+    labels = {"mc_single": "4-way MC, single-token choices", "mc_multi": "4-way MC, 10-20-token endings",
+              "text": "text log-likelihood (rolling)"}
+    rows = []
+    for r in data["results"]:
+        rows.append((f"probe_throughput{suffix}", f"{labels[r['workload']]}: lm-eval time / ProbeRunner time",
+                     f"{r['speedup']:.2f}x ({r['lm_eval_hflm_s']:.1f} s / {r['probe_runner_s']:.1f} s)",
+                     f"≥ {r['target_speedup']}x, never < 1x", verdict(r["meets_target"])))
+        acc = r.get("accuracy")
+        same = f", accuracy {acc['probe_runner']:.3f} = {acc['lm_eval_hflm']:.3f}" if acc else ""
+        rows.append((f"probe_throughput{suffix}", f"{labels[r['workload']]}: scores agree",
+                     f"max |Δ log-lik| {r['max_abs_loglik_diff']:.1e}{same}", r["tolerance"], verdict(r["scores_agree"])))
+    return rows
+
+
+def geometry_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
+    g, s = data["geometry"], data["spectra"]
+    c = g["cache_mode"]
+    return [
+        ("geometry_spectra", "geometry metrics time / probe pass time", f"{c['metrics_over_probe']:.1%} "
+         f"({c['metrics_s']:.3f} s / {c['probe_s']:.2f} s)", "≤ 10%", verdict(g["meets_target"])),
+        ("geometry_spectra", "geometry total (capture + metrics) / probe pass, cache mode",
+         f"{c['geometry_overhead_ratio']:.1%}", "(info)", "n/a"),
+        ("geometry_spectra", "geometry total with the reference pass, LoRA (disable_adapter)",
+         f"{g['disable_adapter_mode']['geometry_overhead_ratio']:.0%}", "(info: a second, logits-free forward)", "n/a"),
+        ("geometry_spectra", f"LoRA spectra from factors vs dense ΔW, k=0 ({s['layers']} layers)",
+         f"{s['k0']['speedup']:.1f}x ({s['k0']['dense_s']:.2f} s / {s['k0']['factors_s']:.3f} s)", "≥ 10x",
+         verdict(s["k0"]["meets_target"])),
+        ("geometry_spectra", "same with intruders (k=10: both take an SVD of W_ft)", f"{s['k10']['speedup']:.2f}x",
+         "(info)", "n/a"),
+    ]
+
+
+def memory_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    for k, c in data["checks"].items():
+        rows.append(("memory", f"peak RSS {k.replace('/', ': ')} vs plain", f"{c['ratio']:.3f}x ({c['measured_mb']:.0f} MB)",
+                     f"≤ {c['allowed_mb']:.0f} MB (1.05x + cache)", verdict(c["meets_target"])))
+    s = data["rewind_snapshots"]
+    rows.append(("memory", "rewind state, LoRA r16 (q,v) / full finetuning",
+                 f"{s['lora_r16_q_v']['state_mb']:.2f} MB ({s['lora_r16_q_v']['auto_storage']}) / "
+                 f"{s['full_finetuning']['state_mb']:.0f} MB ({s['full_finetuning']['auto_storage']})",
+                 f"auto: memory ≤ {s['max_memory_mb']:.0f} MB", "n/a"))
+    return rows
+
+
+def overhead_rows(data: dict[str, Any], suffix: str = "") -> list[tuple[str, ...]]:
+    rows = []
+    for setup, r in data["results"].items():
+        for v, x in r["variants"].items():
+            base = sorted(x["baseline_seconds"])[len(x["baseline_seconds"]) // 2]
+            rows.append((f"overhead{suffix}", f"{setup}, {r['steps']} steps, {v}: (monitored − baseline − plain) / plain",
+                         f"{x['overhead_excluding_baseline']:+.1%} (baseline pass {base:.1f} s once; "
+                         f"probes at steps {x['probe_steps']}; FLOPs floor {x['flops_floor']:.2%})",
+                         f"≤ {x['budget']:.0%}", verdict(x["meets_target"])))
+    return rows
+
+
+def scaling_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
+    return [("scaling", "probe time and cache MB vs rows, length, modules", "see the table below", "(info)", "n/a")]
+
+
+# --------------------------------------------------------------------------------------
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def details(name: str, data: dict[str, Any]) -> str:
+    if name == "probe_throughput":
+        rows = [(r["workload"], r["rows"], r["sequences"], r["tokens"], r["forwards"], f"{r['probe_runner_s']:.2f}",
+                 f"{r['lm_eval_hflm_s']:.2f}", f"{r['speedup']:.2f}x", f"{r['speedup_cpu_time']:.2f}x",
+                 f"{r['max_abs_diff_vs_fp64_reference']['probe_runner']:.1e} / "
+                 f"{r['max_abs_diff_vs_fp64_reference']['lm_eval_hflm']:.1e}")
+                for r in data["results"]]
+        return table(rows, ("workload", "rows", "sequences", "tokens", "our forwards", "ProbeRunner s", "lm-eval s",
+                            "speedup (wall)", "speedup (CPU time)", "|Δ| vs fp64 reference: ours / lm-eval"))
+    if name == "scaling":
+        rows = [(r["rows"], r["length"], r["modules"] or "-", f"{r['probe_s']:.2f}" if "probe_s" in r else "-",
+                 f"{r['probe_with_capture_s']:.2f}" if "probe_with_capture_s" in r else "-",
+                 f"{r['metrics_s']:.3f}" if "metrics_s" in r else "-", f"{r['cache_mb']:.2f}" if "cache_mb" in r else "-")
+                for r in data["table"]]
+        return table(rows, ("rows", "tokens per row", "modules", "probe s", "probe + capture s", "metrics s", "cache MB"))
+    if name == "memory":
+        rows = [(v, f"{r['peak_rss_mb']:.0f}", f"{r['train_peak_rss_mb']:.0f}" if r["train_peak_rss_mb"] else "-",
+                 r["probes"], f"{r['geometry_cache_mb']:.1f}", f"{r['train_seconds']:.1f}") for v, r in data["runs"].items()]
+        return table(rows, ("run", "peak RSS MB (process)", "peak RSS MB (training only)", "probe passes",
+                            "geometry cache MB", "train s"))
+    return ""
+
+
+def report() -> Path:
+    found = {n: load(n) for n in SCRIPTS}
+    cuda = {n: load(f"{n}_cuda") for n in ("probe_throughput", "overhead")}
+    rows: list[tuple[str, ...]] = []
+    if found["probe_throughput"]:
+        rows += throughput_rows(found["probe_throughput"])
+    if found["geometry_spectra"]:
+        rows += geometry_rows(found["geometry_spectra"])
+    if found["memory"]:
+        rows += memory_rows(found["memory"])
+    if found["scaling"]:
+        rows += scaling_rows(found["scaling"])
+    if found["overhead"]:
+        rows += overhead_rows(found["overhead"])
+    if cuda["probe_throughput"]:
+        rows += throughput_rows(cuda["probe_throughput"], " (cuda)")
+    if cuda["overhead"]:
+        rows += overhead_rows(cuda["overhead"], " (cuda)")
+    first = next((d for d in found.values() if d), None)
+    m = (first or {}).get("machine") or machine()
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python benchmarks/run_all.py` on {time.strftime('%Y-%m-%d')} (UTC times in each JSON file).",
+        "",
+        f"- Machine: {m['cpu']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}, {m['platform']}, "
+        f"Python {m['python']}; load average at the start of the first benchmark {m.get('load_average')}",
+        "- Packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v),
+        "- GPU: " + ("see the `(cuda)` rows" if any(cuda.values()) else
+                     "none on this machine; `python benchmarks/gpu.py` runs the throughput and overhead benchmarks "
+                     "with `--device cuda` on a CUDA machine (not run here)"),
+        "- The machine is shared: every ratio is taken between variants timed side by side in one process, "
+        "repetitions interleaved (ABBA), as the median of per-repetition ratios. Absolute seconds move with the load.",
+        "",
+        "## Targets",
+        "",
+        table(rows, ("benchmark", "measure", "value", "target", "verdict")),
+        "",
+    ]
+    for name in ("probe_throughput", "memory", "scaling"):
+        if found[name]:
+            lines += [f"## {name}", "", details(name, found[name]), ""]
+    notes = ROOT / "benchmarks" / "NOTES.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    path = BENCH / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=",".join(SCRIPTS), help="benchmarks to run, comma-separated")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    failed = []
+    if not args.report_only:
+        for name in args.only.split(","):
+            print(f"== {name}", flush=True)
+            t = time.perf_counter()
+            rc = subprocess.call([sys.executable, str(BENCH / f"{name}.py")], cwd=ROOT)
+            print(f"== {name}: exit {rc} after {time.perf_counter() - t:.0f} s", flush=True)
+            if rc != 0:
+                failed.append(name)
+    path = report()
+    print(f"written {path}" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
