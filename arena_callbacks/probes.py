@@ -351,19 +351,27 @@ class _Cont:
 class _Batch:
     """One forward pass of the plan.
 
-    A *full* forward (``conts`` empty) carries whole sequences, left-padded. Some of its rows may
+    A *full* forward (``packs`` empty) carries whole sequences, left-padded. Some of its rows may
     be the first choice of a multiple-choice row whose choices share a context (``shared``:
     ``(row, prefix length, the other choices)``): the first choice is scored there, the others
     get the prediction at the end of the context from that row, and those with more tokens run
-    as continuations in the forward(s) right after (``conts``), on the cached context.
+    as continuations in the forward(s) right after, on the cached context.
+
+    A *continuation* forward has one row per pack: continuations of one context, placed one
+    after the other in the row, each attending to the context and to itself only (a packed
+    row needs a 4D attention mask; without one, every pack holds a single continuation).
     """
 
     probe: int
     seqs: list[_Seq]
     dummy: bool = False
     shared: list[tuple[int, int, tuple[_Seq, ...]]] = field(default_factory=list)
-    conts: list[_Cont] = field(default_factory=list)
+    packs: list[list[_Cont]] = field(default_factory=list)
     cache: bool = False  # a full forward whose context cache the next forward(s) continue
+
+    @property
+    def conts(self) -> list[_Cont]:
+        return [c for pack in self.packs for c in pack]
 
 
 def _shared_prefix(group: Sequence[_Seq]) -> int:
@@ -377,6 +385,27 @@ def _shared_prefix(group: Sequence[_Seq]) -> int:
             i += 1
         n = i
     return n
+
+
+def _cont_width(c: _Cont) -> int:
+    return len(c.seq.ids) - 1 - c.prefix  # the last token is only a target
+
+
+def _pack_width(pack: Sequence[_Cont]) -> int:
+    return sum(_cont_width(c) for c in pack)
+
+
+def _pack(conts: Sequence[_Cont], cap: int) -> list[list[_Cont]]:
+    """Continuations of the same context row, in choice order, into rows of at most ``cap`` tokens."""
+    packs: list[list[_Cont]] = []
+    open_: dict[int, list[_Cont]] = {}  # context row -> the pack being filled
+    for c in conts:
+        cur = open_.get(c.row)
+        if cur is None or _pack_width(cur) + _cont_width(c) > cap:
+            cur = open_[c.row] = []
+            packs.append(cur)
+        cur.append(c)
+    return packs
 
 
 @dataclass
@@ -429,20 +458,29 @@ class ProbeRunner:
         return self._seqs[name]
 
     def _batches(
-        self, ctx: DistContext, only: Collection[str] | None = None, *, share: bool = True, forward_only: bool = False
+        self,
+        ctx: DistContext,
+        only: Collection[str] | None = None,
+        *,
+        share: bool = True,
+        pack: bool = True,
+        forward_only: bool = False,
     ) -> list[_Batch]:
         """This rank's forwards: rows ``i`` with ``i % world_size == rank``, all choices of a row together.
 
         Full forwards hold sequences sorted by length; each is followed by the continuation
         forwards of its shared contexts (none when ``forward_only``: observers see the shared
-        context and first choice in the full forward, and nothing is scored).
+        context and first choice in the full forward, and nothing is scored). ``pack`` puts the
+        continuations of one context in one row, up to the longest sequence of its full forward.
         """
-        key = (ctx.rank, ctx.world_size, None if only is None else frozenset(only), share, forward_only)
+        key = (ctx.rank, ctx.world_size, None if only is None else frozenset(only), share, pack, forward_only)
         if key not in self._plans:
-            self._plans[key] = self._plan(ctx, only, share, forward_only)
+            self._plans[key] = self._plan(ctx, only, share, pack, forward_only)
         return self._plans[key]
 
-    def _plan(self, ctx: DistContext, only: Collection[str] | None, share: bool, forward_only: bool) -> list[_Batch]:
+    def _plan(
+        self, ctx: DistContext, only: Collection[str] | None, share: bool, pack: bool, forward_only: bool
+    ) -> list[_Batch]:
         bs = self.settings.batch_size
         batches: list[_Batch] = []
         for p_idx, (name, seqs) in enumerate(self._seqs.items()):
@@ -475,10 +513,13 @@ class ProbeRunner:
                 if forward_only or not conts:
                     continue
                 batch.cache = True
-                conts.sort(key=lambda c: (c.prefix - len(c.seq.ids), c.seq.example, c.seq.choice))
-                for m in range(0, len(conts), bs):
-                    chunk = conts[m : m + bs]
-                    batches.append(_Batch(p_idx, [c.seq for c in chunk], conts=chunk))
+                # A continuation forward holds no more than its full forward: at most batch_size
+                # rows, none longer than the full forward's longest sequence.
+                packs = _pack(conts, max(len(s.ids) for s in batch.seqs)) if pack else [[c] for c in conts]
+                packs.sort(key=lambda pk: (-_pack_width(pk), pk[0].seq.example, pk[0].seq.choice))
+                for m in range(0, len(packs), bs):
+                    chunk = packs[m : m + bs]
+                    batches.append(_Batch(p_idx, [c.seq for pk in chunk for c in pk], packs=chunk))
         return batches
 
     def run(
@@ -521,7 +562,7 @@ class ProbeRunner:
         # The plan depends on the model only through whether it can continue from a cache,
         # which every rank decides alike (same model class).
         batches = list(self._batches(ctx, only, share=fwd is not None and fwd.cache_arg is not None,
-                                     forward_only=forward_only))
+                                     pack=fwd is not None and fwd.mask_format is not None, forward_only=forward_only))
         n_total = ctx.all_reduce_max(len(batches))
         # Ranks with fewer forwards replay one of theirs (or any sequence) so that every rank
         # runs the same number of forwards; the results of those are discarded.
@@ -559,7 +600,7 @@ class ProbeRunner:
                         break
                     try:
                         assert fwd is not None
-                        if batch.conts:
+                        if batch.packs:
                             head = fwd.continuation(batch, head, scores, observer, names[batch.probe])
                         else:
                             if observer is not None:
@@ -707,6 +748,8 @@ class _Forwarder:
     boolean row × position mask: transformers ≥ 5), ``tail`` (``logits_to_keep`` as the number of
     last positions), or ``none`` (all logits). ``cache_arg``: the forward's cache argument
     (``cache`` or ``past_key_values``), ``None`` when the model cannot continue from one.
+    ``mask_format``: how a 4D attention mask is passed to this model's attention (``bool`` for
+    SDPA, ``additive`` for eager), ``None`` where it takes none (flash, flex attention...).
     """
 
     model: torch.nn.Module
@@ -715,6 +758,7 @@ class _Forwarder:
     positions: bool
     keep: str
     cache_arg: str | None
+    mask_format: str | None = None
     greedy: frozenset[int] = frozenset()  # probes whose score needs the greedy check (completion)
 
     @classmethod
@@ -728,7 +772,12 @@ class _Forwarder:
         cache_arg = next((a for a in ("cache", "past_key_values") if a in params), None)
         if "position_ids" not in params or getattr(target, "_is_stateful", False):
             cache_arg = None  # continuations need explicit positions and an attention (KV) cache
-        return cls(model, pad_id, _model_device(model), "position_ids" in params, keep, cache_arg)
+        # transformers' attention functions take a ready 4D mask as given: SDPA a boolean one,
+        # eager an additive one; other implementations (flash, flex) need their own formats.
+        impl = getattr(getattr(target, "config", None), "_attn_implementation", None)
+        mask_format = {"sdpa": "bool", "eager": "additive"}.get(impl) if _transformers_model(target) else None
+        return cls(model, pad_id, _model_device(model), "position_ids" in params, keep, cache_arg,
+                   mask_format if cache_arg is not None else None)
 
     def full(self, batch: _Batch, scores: _Scores, *, score: bool) -> _Head | None:
         seqs = batch.seqs
@@ -765,14 +814,14 @@ class _Forwarder:
     def continuation(
         self, batch: _Batch, head: _Head | None, scores: _Scores, observer: BatchObserver | None, probe: str
     ) -> _Head | None:
-        conts = batch.conts
-        n_in = [len(c.seq.ids) - 1 - c.prefix for c in conts]  # the last token is only a target
-        width = max(n_in)
-        keys = [(batch.probe, c.seq.example, c.seq.choice) for c in conts]
+        packs = batch.packs
+        widths = [_pack_width(pk) for pk in packs]
+        width = max(widths)
+        keys = {id(c): (batch.probe, c.seq.example, c.seq.choice) for pk in packs for c in pk}
         if head is None or not _cache_fits(head.cache, head.width, head.width + width):
             # No usable cache (a model whose cache is not a plain per-layer key/value store):
             # the same number of forwards, with these sequences in full.
-            for k in keys:
+            for k in keys.values():
                 scores.settle(k, keep=False)
             if observer is not None:
                 observer.before_batch(probe, batch.seqs)
@@ -780,26 +829,41 @@ class _Forwarder:
             return head
         if observer is not None:
             observer.before_batch(None, [])
-        rows = torch.tensor([c.row for c in conts])
-        input_ids = torch.full((len(conts), width), self.pad_id, dtype=torch.long)
-        position_ids = torch.zeros((len(conts), width), dtype=torch.long)
-        mask = torch.zeros((len(conts), head.width + width), dtype=torch.long)
+        n_rows, total = len(packs), head.width + width
+        input_ids = torch.full((n_rows, width), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+        packed = any(len(pk) > 1 for pk in packs)
+        # Row i sees its context (the head row's first `prefix` tokens, not the first choice
+        # after them) and, per continuation, its own tokens causally.
+        allowed = torch.zeros((n_rows, width, total), dtype=torch.bool)
         req = _Requests()
-        for i, (c, n) in enumerate(zip(conts, n_in)):
-            pad = width - n
-            ids = c.seq.ids
-            input_ids[i, pad:] = torch.tensor(ids[c.prefix : c.prefix + n])
-            position_ids[i, pad:] = torch.arange(c.prefix, c.prefix + n)
-            ctx_start = head.pads[c.row]
-            mask[i, ctx_start : ctx_start + c.prefix] = 1  # the shared context only, not the first choice
-            mask[i, head.width + pad :] = 1
-            first = max(c.seq.start - 1, c.prefix)
-            req.span(keys[i], i, range(pad + first - c.prefix, width), ids[first + 1 :])
+        for i, pk in enumerate(packs):
+            ctx_start, prefix = head.pads[pk[0].row], pk[0].prefix
+            q = width - widths[i]  # left padding
+            for c in pk:
+                n, ids = _cont_width(c), c.seq.ids
+                input_ids[i, q : q + n] = torch.tensor(ids[prefix : prefix + n])
+                position_ids[i, q : q + n] = torch.arange(prefix, prefix + n)
+                allowed[i, q : q + n, ctx_start : ctx_start + prefix] = True
+                allowed[i, q : q + n, head.width + q : head.width + q + n] = torch.ones(n, n, dtype=torch.bool).tril()
+                first = max(c.seq.start - 1, prefix)
+                req.span(keys[id(c)], i, range(q + first - prefix, q + n), ids[first + 1 :])
+                q += n
+        if packed:
+            # Padding positions see themselves: no query row is empty (an all-masked row gives NaN).
+            pads = ~allowed.any(-1)
+            allowed[:, :, head.width :] |= torch.diag_embed(pads)
+            mask: torch.Tensor = allowed[:, None]
+            if self.mask_format == "additive":
+                mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        else:  # one continuation per row: a 2D padding mask over context + row says it all
+            mask = allowed.any(1).long()
+        rows = torch.tensor([pk[0].row for pk in packs])
         cache = _select_rows(head.cache, rows.to(self.device))
         kwargs = {"attention_mask": mask, "position_ids": position_ids, self.cache_arg: cache}
         keep = _position_mask(input_ids.shape, req)
         out = self._forward(input_ids, kwargs, keep, use_cache=True)
-        for k in keys:
+        for k in keys.values():
             scores.settle(k, keep=True)
         self._score(out, keep, req, scores)
         return head

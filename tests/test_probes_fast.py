@@ -9,6 +9,7 @@ log-softmax), with padding, odd lengths, several batch sizes and ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -59,12 +60,24 @@ def assert_scores_close(got: dict, want: dict, tol: float = 1e-5) -> None:
     assert worst <= tol, f"largest |log-likelihood difference| {worst:.2e}"
 
 
+def real_tokens(kwargs) -> list[int]:
+    """Tokens each row of a forward attends to: cached context and real inputs (not padding)."""
+    mask = kwargs["attention_mask"]
+    if mask.dim() == 2:
+        return [int(n) for n in mask.sum(-1)]
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0  # 4D: boolean or additive
+    q = kwargs["input_ids"].shape[1]
+    context = allowed[:, :, : allowed.shape[-1] - q].any(1).sum(-1)  # cached positions anyone sees
+    inputs = allowed[:, :, : allowed.shape[-1] - q].any(-1).sum(-1)  # queries that see the context
+    return [int(a + b) for a, b in zip(context, inputs)]
+
+
 def count_forwards(model) -> tuple[list[list[int]], object]:
-    """Real (unmasked) lengths of the rows of every forward; returns (record, hook handle)."""
+    """Real tokens of the rows of every forward (see real_tokens); returns (record, hook handle)."""
     seen: list[list[int]] = []
 
     def hook(module, args, kwargs):
-        seen.append([int(n) for n in kwargs["attention_mask"].sum(-1)])
+        seen.append(real_tokens(kwargs))
 
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -92,8 +105,16 @@ def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batc
     if kind not in _REFERENCES:  # the same seeded model and rows for every batch size
         _REFERENCES[kind] = reference(model, r)
     assert_scores_close(r.last_scores, _REFERENCES[kind])
-    # Continuation forwards: never more rows than the batch size.
-    assert max(len(b.seqs) for b in plan) <= batch_size
+    # A continuation forward holds no more than its full forward: at most batch_size rows
+    # (packs of continuations), none longer than that forward's longest sequence.
+    full = None
+    for b in plan:
+        if not b.packs:
+            full = b
+            assert len(b.seqs) <= batch_size
+            continue
+        assert len(b.packs) <= batch_size
+        assert max(P._pack_width(pk) for pk in b.packs) <= max(len(s.ids) for s in full.seqs)
     # The aggregate follows from the same numbers.
     for name, rows in (("mc", MULTI), ("one", SINGLE)):
         correct = sum(
@@ -128,7 +149,12 @@ def test_one_token_choices_run_one_forward_per_batch_of_questions(tokenizer, mod
     assert_scores_close(r.last_scores, reference(model, r))
 
 
-def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer, model):
+@pytest.mark.parametrize("packed", [True, False])
+def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer, model, monkeypatch, packed):
+    if not packed:  # an attention implementation that takes no 4D mask: one continuation per row
+        for_model = P._Forwarder.for_model
+        monkeypatch.setattr(P._Forwarder, "for_model", classmethod(
+            lambda cls, *a: dataclasses.replace(for_model(*a), mask_format=None)))
     r = build(tokenizer, ProbeSettings(batch_size=16), mc=MULTI)
     seen, handle = count_forwards(model)
     r.run(model)
@@ -136,11 +162,30 @@ def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer
     seqs = r.sequences("mc")
     prefix = {i: P._shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
     first, conts = seen[0], seen[1:]
+    assert len(conts) == 1  # 7 rows, one batch: one continuation forward
     assert sorted(first) == sorted(len(s.ids) for s in seqs if s.choice == 0)
-    # Later choices: the cached context (prefix positions) plus their own tokens but the last.
-    want = sorted(prefix[s.example] + len(s.ids) - 1 - prefix[s.example] for s in seqs
-                  if s.choice > 0 and len(s.ids) - 1 > prefix[s.example])
-    assert sorted(n for batch in conts for n in batch) == want
+    # Later choices: the cached context (prefix positions) plus their own tokens but the last;
+    # packed, one row per context holds all of them.
+    rest = {i: [len(s.ids) - 1 - prefix[i] for s in seqs if s.example == i and s.choice > 0] for i in prefix}
+    if packed:
+        want = sorted(prefix[i] + sum(n) for i, n in rest.items() if sum(n))
+    else:
+        want = sorted(prefix[i] + k for i, n in rest.items() for k in n if k)
+    assert sorted(conts[0]) == want
+    assert_scores_close(r.last_scores, reference(model, r))
+
+
+def test_eager_attention_takes_an_additive_packed_mask(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    cfg = make_model(vocab_size=len(tokenizer)).config
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    assert P._Forwarder.for_model(model, 0).mask_format == "additive"
+    r = build(tokenizer, ProbeSettings(batch_size=4), mc=MULTI)
+    r.run(model)
+    assert_scores_close(r.last_scores, reference(model, r))
 
 
 def test_short_contexts_run_whole_sequences(tokenizer, model):

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from helpers import make_model, make_tokenizer  # noqa: E402
-from test_probes_fast import MULTI, SINGLE, build  # noqa: E402
+from test_probes_fast import MULTI, SINGLE, build, real_tokens  # noqa: E402
 
 from arena_callbacks import ProbeSettings  # noqa: E402
 from arena_callbacks.distributed import current_context  # noqa: E402
@@ -32,9 +32,7 @@ def main(out_dir: str) -> None:
     runner = build(tok, ProbeSettings(batch_size=3), mc=MULTI, one=SINGLE)
     model = make_model(vocab_size=len(tok))
     seen: list[list[int]] = []
-    handle = model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append([int(n) for n in kw["attention_mask"].sum(-1)]), with_kwargs=True
-    )
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(real_tokens(kw)), with_kwargs=True)
     results = runner.run(model, current_context())
     handle.remove()
     report = {
