@@ -1,6 +1,6 @@
 """Cost of activation geometry and weight spectra on SmolLM2-135M, against the probe pass.
 
-Geometry (real SmolLM2-135M, 32 built-in ``general_text`` rows, batch 16, the ``auto`` modules,
+Geometry (real SmolLM2-135M, 64 built-in ``general_text`` rows (the default ``probe.max_examples``), batch 16, the ``auto`` modules,
 1024 sampled tokens), timed side by side in one process (interleaved repetitions, medians):
 
 * ``probe``: the scoring pass alone (``ProbeRunner.run``);
@@ -167,7 +167,7 @@ def spectra(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=32, help="general_text probe rows")
+    ap.add_argument("--rows", type=int, default=64, help="general_text probe rows (64: the default probe.max_examples)")
     ap.add_argument("--tokens", type=int, default=1024, help="geometry.tokens_per_module")
     ap.add_argument("--layers", type=int, default=90, help="LoRA layers measured by spectra")
     ap.add_argument("--repeats", type=int, default=3)

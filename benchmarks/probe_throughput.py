@@ -24,11 +24,12 @@ inside lm-eval's (it re-tokenises at each call).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, machine, paired_ratio, set_threads, write_json  # noqa: E402
@@ -140,17 +141,23 @@ def run_workload(name: str, rows: list[dict[str, Any]], model: Any, tok: Any, lm
         assert all(len(s.ids) - s.start == 1 for s in seqs), "a choice is more than one token"
     requests = lm_eval_requests(kind, rows)
 
+    counter = FlopCounter(model)
+
     def ours() -> Any:
-        return runner.run(model)[name]
+        with counter.count("probe_runner"):
+            return runner.run(model)[name]
 
     def call(requests: list[Any]) -> Any:
         if kind == "text":
             return lm.loglikelihood_rolling(requests, disable_tqdm=True)
         return lm.loglikelihood(requests, disable_tqdm=True)
 
+    def theirs() -> Any:
+        with counter.count("lm_eval_hflm"):
+            return call(requests)
+
     warmup = {"probe_runner": lambda: small.run(model), "lm_eval_hflm": lambda: call(small_requests)}
-    timed = interleaved({"probe_runner": ours, "lm_eval_hflm": lambda: call(requests)}, args.repeats, args.device,
-                        warmup=warmup)
+    timed = interleaved({"probe_runner": ours, "lm_eval_hflm": theirs}, args.repeats, args.device, warmup=warmup)
     result, lm_out = timed["probe_runner"]["last"], timed["lm_eval_hflm"]["last"]
 
     # Scores: per sequence (lm-eval's in request order), and the aggregate accuracy.
@@ -192,6 +199,8 @@ def run_workload(name: str, rows: list[dict[str, Any]], model: Any, tok: Any, lm
         "times_s": {k: v["times_s"] for k, v in timed.items()},
         "cpu_times_s": {k: v["cpu_s"] for k, v in timed.items()},
         "speedup": ratio,
+        "forward_work": counter.last,
+        "flop_ratio": counter.last["lm_eval_hflm"]["flops"] / counter.last["probe_runner"]["flops"],
         "speedup_cpu_time": paired_ratio(timed, "lm_eval_hflm", "probe_runner", "cpu_s"),
         "target_speedup": TARGETS[name],
         "meets_target": ratio >= TARGETS[name],
@@ -203,6 +212,50 @@ def run_workload(name: str, rows: list[dict[str, Any]], model: Any, tok: Any, lm
         "accuracy": acc,
         "forwards": len(runner._batches(__import__("arena_callbacks").distributed.DistContext())),
     }
+
+
+class FlopCounter:
+    """Model forwards of one call: tokens through the body, positions through the vocabulary
+    projection, and their FLOPs (2 per weight per token; attention scores not counted).
+
+    lm-eval calls the model without ``logits_to_keep`` (logits at every position, padding
+    included); ProbeRunner passes a row × position mask or a count of last positions.
+    """
+
+    def __init__(self, model: Any) -> None:
+        head = model.get_output_embeddings().weight
+        embed = model.get_input_embeddings().weight
+        total = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+        self.body = total - embed.numel() - (0 if head is embed else head.numel())
+        self.head = head.numel()
+        self.model = model
+        self.last: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def count(self, name: str) -> Iterator[None]:
+        work = {"forwards": 0, "tokens": 0, "logit_positions": 0}
+
+        def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            rows, width = ids.shape
+            keep = kwargs.get("logits_to_keep")
+            if keep is None or (isinstance(keep, int) and keep == 0):
+                positions = rows * width
+            elif isinstance(keep, int):
+                positions = rows * keep
+            else:
+                positions = int(keep.sum())
+            work["forwards"] += 1
+            work["tokens"] += rows * width
+            work["logit_positions"] += positions
+
+        handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+        work["flops"] = 2.0 * (self.body * work["tokens"] + self.head * work["logit_positions"])
+        self.last[name] = work
 
 
 def reference_check(model: Any, seqs: list[Any], device: str) -> list[tuple[Any, float]]:
@@ -249,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run_workload(name, rows, model, tok, lm, args)
         results.append(r)
         print(f"{name:<10} ProbeRunner {r['probe_runner_s']:7.2f} s   lm-eval {r['lm_eval_hflm_s']:7.2f} s   "
-              f"speedup {r['speedup']:.2f}x (target {r['target_speedup']}x)   max |Δ loglik| {r['max_abs_loglik_diff']:.1e}"
+              f"speedup {r['speedup']:.2f}x (target {r['target_speedup']}x, FLOP ratio {r['flop_ratio']:.2f}x)   max |Δ loglik| {r['max_abs_loglik_diff']:.1e}"
               f"   accuracy {r['accuracy']}", flush=True)
     report = {"benchmark": "probe_throughput", "model": MODEL, "batch_size": args.batch_size, "repeats": args.repeats,
               "machine": machine(args.device), "results": results}
