@@ -3,22 +3,26 @@
 Two setups, each run in one process with the variants interleaved (fresh model per run):
 
 * ``smollm2``: SmolLM2-135M-Instruct + LoRA r=16 (``q_proj``, ``v_proj``), batch 8 of 64-token
-  pydoc passages, ``--steps`` (30) steps on the CPU; probes: built-in ``general_text`` and
-  ``world_knowledge`` (32 rows each).
+  pydoc passages, 100 steps on the CPU; probes: built-in ``general_text`` and
+  ``world_knowledge`` (16 rows each: a probe costs about two training steps, so that the 3%
+  budget probes about once every 60-70 steps).
 * ``tiny``: the 2-layer Llama and tokenizer of ``tests/helpers.py``, briefly pretrained, on
-  the test target text; one text probe of 32 rows.
+  the test target text, 300 steps; one text probe of 32 rows.
 
 Variants: ``plain`` (no monitor) and ``monitor@b`` with the scheduler's ``cadence.overhead_budget``
-``b`` (0.03, the default, and 0.1, so that a 30-step run probes at all; ``--budgets``), with
-``at_train_end`` off so that only budgeted probes count. Reported per variant: wall time of ``trainer.train()``, the one-time baseline pass (the
-monitor's own ``summary.json`` ``overhead.baseline_seconds``) apart, the overhead excluding it,
-``(monitored − baseline − plain) / plain`` (target ≤ the budget), the monitor's own accounting,
-and the floor: probe forward FLOPs over training FLOPs for the probes the cadence ran (forward
-≈ 2 FLOPs per parameter per token, vocabulary projection only at scored positions; a LoRA
-training step ≈ 2 forwards' worth: forward plus activation gradients).
+``b`` (0.03, the default; the tiny setup also 0.1; ``--budgets``), with ``at_train_end`` off so
+that only budgeted probes count. Reported per variant: wall and process CPU time of
+``trainer.train()``, the one-time baseline pass (the monitor's own ``summary.json``
+``overhead.baseline_seconds``) apart, the overhead excluding it, ``(monitored − baseline −
+plain) / plain`` paired by repetition (target ≤ the budget), the monitor's own share of the
+wall time after the baseline (``overhead.fraction``, measured inside one run and so immune to
+the machine's speed drifting between runs), and the floor: probe forward FLOPs over training
+FLOPs for the probes the cadence ran (forward ≈ 2 FLOPs per parameter per token, vocabulary
+projection only at scored positions; a LoRA training step ≈ 2 forwards' worth: forward plus
+activation gradients).
 
     python benchmarks/overhead.py
-    python benchmarks/overhead.py --setups tiny --steps 30 --repeats 1
+    python benchmarks/overhead.py --setups tiny --steps 100 --repeats 1
     python benchmarks/overhead.py --device cuda
 """
 
@@ -58,15 +62,16 @@ def smollm2_setup(device: str) -> dict[str, Any]:
         m, _ = load_model_and_tokenizer(MODEL, progress=False)
         return peft.get_peft_model(m.to(device), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
 
-    return {"tok": tok, "data": data, "model": model, "lr": 2e-3, "trainable": "lora",
-            "probes": build_capabilities(["general_text", "world_knowledge"], n=32)}
+    return {"tok": tok, "data": data, "model": model, "lr": 2e-3, "trainable": "lora", "steps": 100, "budgets": (0.03,),
+            "probes": build_capabilities(["general_text", "world_knowledge"], n=16)}
 
 
 def tiny_setup(device: str) -> dict[str, Any]:
     from helpers import TARGET_TEXT, corpus, make_tokenizer, pretrained_model
 
     tok = make_tokenizer()
-    return {"tok": tok, "data": [tok(TARGET_TEXT) for _ in range(64)], "lr": 1e-2, "trainable": "full",
+    return {"tok": tok, "data": [tok(TARGET_TEXT) for _ in range(64)], "lr": 1e-2, "trainable": "full", "steps": 300,
+            "budgets": (0.03, 0.1),
             "model": lambda: pretrained_model().to(device), "probes": {"general": [{"text": s} for s in corpus(32, seed=1)]}}
 
 
@@ -100,10 +105,10 @@ def train(setup: dict[str, Any], steps: int, budget: float | None, device: str) 
         trainer = Trainer(model=model, args=args, train_dataset=setup["data"], processing_class=tok,
                           data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)  # no log lines on stdout (they would time the terminal)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         trainer.train()
-        seconds = time.perf_counter() - t
-        result: dict[str, Any] = {"seconds": seconds}
+        seconds, cpu = time.perf_counter() - t, time.process_time() - c
+        result: dict[str, Any] = {"seconds": seconds, "cpu_seconds": cpu}
         if monitor is not None:
             summary = json.loads(Path(out, "arena", "summary.json").read_text())
             result["overhead"] = summary.get("overhead")
@@ -146,16 +151,19 @@ def flops(model: Any, monitor: Any, steps: int, setup: dict[str, Any]) -> dict[s
 
 def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     setup = SETUPS[name](args.device)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(setup["budgets"])
+    steps = args.steps or setup["steps"]
     variants: dict[str, float | None] = {"plain": None, **{f"monitor@{b:g}": b for b in budgets}}
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     names = list(variants)
     for rep in range(args.repeats):
         for v in names if rep % 2 == 0 else names[::-1]:
-            runs[v].append(train(setup, args.steps, variants[v], args.device))
+            runs[v].append(train(setup, steps, variants[v], args.device))
             print(f"  {name} {v}: {runs[v][-1]['seconds']:.1f} s", flush=True)
     plain = [r["seconds"] for r in runs["plain"]]
-    out: dict[str, Any] = {"steps": args.steps, "plain_s": statistics.median(plain), "plain_times_s": plain, "variants": {}}
+    plain_cpu = [r["cpu_seconds"] for r in runs["plain"]]
+    out: dict[str, Any] = {"steps": steps, "plain_s": statistics.median(plain), "plain_times_s": plain,
+                           "plain_cpu_s": plain_cpu, "variants": {}}
     for v in names[1:]:
         rs = runs[v]
         base = [r["overhead"]["baseline_seconds"] for r in rs]
@@ -163,19 +171,25 @@ def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
         extra = [(r["seconds"] - b - p) / p for r, b, p in zip(rs, base, plain)]
         f = rs[-1]["flops"]
         probes = len(rs[-1]["probe_steps"]) - 1  # after the baseline
-        floor = probes * f["probe_pass"] / (args.steps * f["train_step"])
+        floor = probes * f["probe_pass"] / (steps * f["train_step"])
+        # CPU time of the baseline pass, scaled from its wall time by the run's CPU/wall ratio.
+        extra_cpu = [(r["cpu_seconds"] * (1 - b / r["seconds"]) - p) / p for r, b, p in zip(rs, base, plain_cpu)]
+        share = [r["overhead"]["fraction"] for r in rs if r["overhead"] and r["overhead"].get("fraction") is not None]
         budget = variants[v]
         out["variants"][v] = {
             "budget": budget,
             "seconds": [r["seconds"] for r in rs],
             "baseline_seconds": base,
+            "cpu_seconds": [r["cpu_seconds"] for r in rs],
             "overhead_excluding_baseline": statistics.median(extra),
+            "overhead_excluding_baseline_cpu": statistics.median(extra_cpu),
+            "monitor_share": statistics.median(share) if share else None,
             "overhead_including_baseline": statistics.median((r["seconds"] - p) / p for r, p in zip(rs, plain)),
             "monitor_accounting": rs[-1]["overhead"],
             "probe_steps": rs[-1]["probe_steps"],
             "flops": f,
             "flops_floor": floor,
-            "baseline_flops_over_run": f["probe_pass"] / (args.steps * f["train_step"]),
+            "baseline_flops_over_run": f["probe_pass"] / (steps * f["train_step"]),
             "meets_target": statistics.median(extra) <= budget,
         }
     return out
@@ -184,8 +198,9 @@ def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setups", default="smollm2,tiny")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--budgets", default="0.03,0.1", help="cadence.overhead_budget values, comma-separated")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: smollm2 100, tiny 300)")
+    ap.add_argument("--budgets", default=None,
+                    help="cadence.overhead_budget values, comma-separated (default: smollm2 0.03, tiny 0.03,0.1)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -202,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         for v, x in r["variants"].items():
             print(f"{name:<8} {v:<14} plain {r['plain_s']:6.1f} s; baseline pass {statistics.median(x['baseline_seconds']):5.1f} s "
-                  f"(once); overhead excl. baseline {x['overhead_excluding_baseline']:+.1%} (budget {x['budget']:.0%}); "
+                  f"(once); overhead excl. baseline {x['overhead_excluding_baseline']:+.1%} wall, "
+                  f"{x['overhead_excluding_baseline_cpu']:+.1%} CPU time, monitor's share "
+                  f"{x['monitor_share'] if x['monitor_share'] is None else format(x['monitor_share'], '.1%')} "
+                  f"(budget {x['budget']:.0%}); "
                   f"probes at {x['probe_steps']}; FLOPs floor {x['flops_floor']:.2%}")
     print(f"written to {path}")
     return 0
