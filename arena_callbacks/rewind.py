@@ -106,6 +106,8 @@ def capture_state(model: torch.nn.Module, names: Sequence[str] | None = None) ->
 def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into the model's trainable parameters in place (same names, shapes).
 
+    Under DeepSpeed ZeRO-1/2 the optimizer's master weights (this rank's slice) are set as well.
+
     Raises:
         ValueError: names or shapes differ from the model's trainable parameters; nothing is
             changed then.
@@ -125,6 +127,11 @@ def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Non
         for n, p in params.items():
             local = _local(p)
             local.copy_(state[n].to(device=local.device, dtype=local.dtype))
+            # DeepSpeed ZeRO-1/2 keep a master copy of each rank's slice in the optimizer and copy
+            # it over the weights after every step: write it too, or the next step undoes this.
+            set_master = getattr(p, "set_full_hp_param", None)
+            if callable(set_master):
+                set_master(state[n].to(device=local.device))
 
 
 def is_finite_state(state: Mapping[str, torch.Tensor]) -> bool:

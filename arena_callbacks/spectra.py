@@ -342,7 +342,8 @@ def weight_spectra(
 ) -> dict[str, dict[str, float]]:
     """Spectral metrics of every measured layer of a model.
 
-    With a sharded model (FSDP2 DTensors) every rank must call this: weights are gathered.
+    With a sharded model (FSDP2 DTensors, DeepSpeed ZeRO-3 partitions) every rank must call
+    this: weights are gathered.
 
     Args:
         model: A PEFT model (LoRA, DoRA or OFT on linear layers) or a plain model.
@@ -427,7 +428,7 @@ def layer_updates(
 def snapshot_weights(model: nn.Module, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Step-0 copies of layers' weights on the CPU (``d_out × d_in``, dtype kept), for full finetuning.
 
-    Holds one CPU copy of each named weight. With FSDP2 every rank must call it.
+    Holds one CPU copy of each named weight. With FSDP2 or ZeRO-3 every rank must call it.
 
     Raises:
         ValueError: a name that is not a linear layer of the model.
@@ -648,13 +649,23 @@ def _raw_weight(layer: nn.Module, name: str) -> torch.Tensor:
     if w.ndim != 2:
         raise ValueError(
             f"layer {name!r}: weight has shape {tuple(w.shape)}, not 2-D "
-            "(partitioned by DeepSpeed ZeRO-3? gather it first)"
+            "(a partitioned parameter of a sharding scheme other than FSDP2 or ZeRO-3? gather it first)"
         )
     return w
 
 
 def _gathered(t: torch.Tensor) -> torch.Tensor:
-    """Detached, and a DTensor (FSDP2) gathered whole: a collective, every rank must call it."""
+    """Detached, and gathered whole when sharded: a collective, every rank must call it.
+
+    A DTensor (FSDP2) is gathered with ``full_tensor()``; a DeepSpeed ZeRO-3 parameter (it has
+    ``ds_id``; its local data is an empty placeholder) inside ``GatheredParameters`` and copied
+    out before it is partitioned again.
+    """
+    if hasattr(t, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            return t.detach().clone()
     t = t.detach()
     full = getattr(t, "full_tensor", None)
     return full() if callable(full) else t

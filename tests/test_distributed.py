@@ -438,3 +438,191 @@ def test_fsdp2_rewind_restores_each_rank_shard_in_place(tmp_path):
         assert r["restored"] == r["base"] and r["at_zero"] == r["base"]  # exact restore, α = 0 is the start
         assert r["at_one"] == r["moved"]
     assert r0["restored"] == r1["restored"]
+
+
+# --------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3 (accelerate + integrations/accelerate/deepspeed_zero3.yaml) and ZeRO-2
+# (the Trainer's `deepspeed=` config under torchrun), 2 CPU processes over gloo
+# --------------------------------------------------------------------------------------
+
+ZERO3_YAML = REPO / "integrations" / "accelerate" / "deepspeed_zero3.yaml"
+DS_MAX_STEPS = 4
+DS_TIMEOUT_S = 240  # startup of two DeepSpeed processes on a loaded 2-core machine; the ranks' own timeout is 60 s
+DS_ENGINE = "deepspeed.runtime.engine.DeepSpeedEngine"
+# ZeRO-2 from the Trainer's own `deepspeed=` argument: "auto" values come from TrainingArguments.
+ZERO2_CONFIG = {
+    "zero_optimization": {"stage": 2},
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+}
+
+
+def _train_args(out: Path) -> list[str]:
+    return [
+        "--output_dir", str(out), "--max_steps", str(DS_MAX_STEPS), "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-2", "--seed", "0", "--logging_steps", "1", "--ddp_timeout", "60", "--use_cpu", "true",
+    ]
+
+
+def _ds_env(out: Path) -> dict[str, str]:
+    # DS_ACCELERATOR: never pick up a GPU, these tests are about CPU processes. An empty
+    # extensions folder: no op compiled on an earlier run may hide a compile of ~2 minutes.
+    env = _env(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(out / "torch_extensions"))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def _require_deepspeed() -> None:
+    import importlib.util
+
+    # Not a skip: deepspeed is in the dev extra, and a missing one must not pass silently.
+    assert importlib.util.find_spec("deepspeed"), "deepspeed is missing: pip install -e '.[dev]'"
+
+
+def _assert_no_op_compiled(log: Path) -> None:
+    text = log.read_text(errors="replace")
+    assert "built successfully" not in text and "Building extension" not in text, "a DeepSpeed op was JIT-compiled"
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    _require_deepspeed()
+    out = tmp_path_factory.mktemp("zero3")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [
+        str(accelerate) if accelerate.exists() else "accelerate", "launch", "--config_file", str(ZERO3_YAML),
+        "--num_processes", "2", "--main_process_port", str(_free_port()),
+        str(SCRIPTS / "train_deepspeed.py"), *_train_args(out),
+    ]
+    env = {**_ds_env(out), "HF_HOME": str(out / "hf_home")}  # no user default_config.yaml
+    seconds = _run_all([(cmd, env)], [out / "launch.txt"], DS_TIMEOUT_S)
+    _assert_no_op_compiled(out / "launch.txt")
+    return out, _read_ranks(out), seconds
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    _require_deepspeed()
+    out = tmp_path_factory.mktemp("zero2")
+    (out / "ds_zero2.json").write_text(json.dumps(ZERO2_CONFIG))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(SCRIPTS / "train_deepspeed.py"), *_train_args(out), "--deepspeed", str(out / "ds_zero2.json"),
+    ]
+    seconds = _run_all([(cmd, _ds_env(out))], [out / "torchrun.txt"], DS_TIMEOUT_S)
+    _assert_no_op_compiled(out / "torchrun.txt")
+    return out, _read_ranks(out), seconds
+
+
+def _ds_reference(out: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Baseline and final metrics of one process, no DeepSpeed, on the weights the run saved."""
+    import train_deepspeed as T  # noqa: N812
+
+    from arena_callbacks import ProbeRunner, ProbeSet
+    from arena_callbacks.capture import GeometryTracker
+    from arena_callbacks.spectra import aggregate_spectra, snapshot_weights, spectra_layer_names, weight_spectra
+
+    cfg = MonitorConfig.from_dict(T.MONITOR)
+    tok = make_tokenizer()
+    model = make_model(seed=0, vocab_size=len(tok))
+    model.load_state_dict(torch.load(out / "initial.pt", weights_only=True))
+    data = {**T.PROBES, TARGET: C.TRAIN_TARGET}
+    runner = ProbeRunner({n: ProbeSet.build(n, d, cfg.probe) for n, d in data.items()}, cfg.probe)
+    runner.prepare(tok)
+    tracker = GeometryTracker(cfg.geometry, runner)
+    tracker.setup(model)
+    layers = spectra_layer_names(model, cfg.spectra.modules)
+    reference = snapshot_weights(model, layers)
+
+    def measure(baseline_results):
+        with tracker.capturing() as cap:
+            results = runner.run(model, DistContext(), observer=cap)
+        base = baseline_results or results
+        metrics = build_snapshot(results, base, runner.probes, stability=cfg.stability, plasticity=cfg.plasticity)
+        metrics.update(tracker.measure(model, DistContext(), baseline=baseline_results is None))
+        sc = cfg.spectra
+        metrics.update(aggregate_spectra(weight_spectra(model, reference, names=layers, k=sc.top_k,
+                                                        eps=sc.intruder_threshold)))
+        return results, metrics
+
+    base_results, base_metrics = measure(None)
+    model.load_state_dict(torch.load(out / "final.pt", weights_only=True))
+    _, final_metrics = measure(base_results)
+    return base_metrics, final_metrics
+
+
+def _assert_metrics_close(got: dict, want: dict, where: str) -> None:
+    assert set(want) <= set(got), f"{where}: missing {sorted(set(want) - set(got))}"
+    for key, value in want.items():
+        if math.isnan(value):
+            assert got[key] == "nan", (where, key)
+        else:
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (where, key)
+
+
+def _assert_ds_run(run, stage: int) -> None:
+    out, (r0, r1), _ = run
+    # Really two ranks of one DeepSpeed engine at the asked ZeRO stage (not a DDP or replica fallback).
+    assert [r0["rank"], r1["rank"]] == [0, 1] and r0["pid"] != r1["pid"]
+    assert r0["world_size"] == r1["world_size"] == r0["args_world_size"] == 2
+    assert r0["backend"] == r1["backend"] == "gloo"
+    assert r0["device"] == r1["device"] and r0["device"].startswith("cpu")
+    for r in (r0, r1):
+        assert r["engine"] == DS_ENGINE
+        assert r["engine_zero_stage"] == r["plugin_zero_stage"] == stage
+        assert r["trainable_parameters"] == r["full_numel"]  # ZeRO-3 partitions counted at full size
+    # Trained in step: same gathered final weights on both ranks, moved from the start.
+    tok = make_tokenizer()
+    initial = [float(p.detach().double().sum()) for p in make_model(seed=0, vocab_size=len(tok)).parameters()]
+    assert r0["final_checksum"] == r1["final_checksum"] != initial
+    assert r0["global_step"] == r1["global_step"] == DS_MAX_STEPS
+    assert r0["epoch"] == pytest.approx(DS_MAX_STEPS * 8 / 64)  # 2 ranks × 4 rows per step
+    # Every rank took part in every probe pass and holds the same numbers and decisions.
+    assert r0["history"] == r1["history"]
+    assert r0["decisions"] == r1["decisions"]
+    assert [s["step"] for s in r0["history"]] == list(range(0, DS_MAX_STEPS + 1, 2))
+    history = out / "arena" / "history.jsonl"
+    assert r0["history_path"] == str(history) and r1["history_path"] is None
+    assert [p for p in out.rglob("history.jsonl") if "rewind_check" not in p.parts] == [history]
+    # ... and those numbers are the single-process ones on the same weights.
+    base, final = _ds_reference(out)
+    assert any(k.startswith("geometry/procrustes/") for k in final) and any(k.startswith("spectral/") for k in final)
+    assert final["geometry/procrustes/max"] > 0.01 and final["delta_nll/general"] != 0  # training changed them
+    _assert_metrics_close(r0["history"][0]["metrics"], base, "baseline")
+    _assert_metrics_close(r0["history"][-1]["metrics"], final, f"step {DS_MAX_STEPS}")
+
+
+def test_deepspeed_zero3_via_accelerate_probes_and_geometry_match_single_process(zero3_run):
+    _, (r0, r1), _ = zero3_run
+    # Parameters really partitioned: each rank holds a part of the weights between forwards.
+    for r in (r0, r1):
+        assert r["partitioned"] and r["local_numel"] < r["full_numel"]
+    _assert_ds_run(zero3_run, stage=3)
+
+
+def test_deepspeed_zero3_refuses_rewind_at_train_start_on_every_rank(zero3_run):
+    _, ranks, _ = zero3_run
+    for r in ranks:
+        assert r["rewind"]["raised"] == "ValueError"
+        assert "ZeRO-3" in r["rewind"]["message"] and "arena-callbacks rewind" in r["rewind"]["message"]
+        assert r["rewind"]["probed"] is False  # refused before any (collective) forward
+
+
+def test_deepspeed_zero2_via_trainer_config_probes_and_geometry_match_single_process(zero2_run):
+    _, (r0, r1), _ = zero2_run
+    for r in (r0, r1):
+        assert not r["partitioned"] and r["local_numel"] == r["full_numel"]  # ZeRO-2 keeps whole weights
+    _assert_ds_run(zero2_run, stage=2)
+
+
+def test_deepspeed_zero2_rewind_reaches_the_optimizer_master_weights(zero2_run):
+    _, ranks, _ = zero2_run
+    for r in ranks:
+        assert r["rewind"]["raised"] is None and r["rewind"]["probed"] is True  # rewind budgets start
+        # ZeRO-2 copies its master weights over the model after every step: load_state (what a
+        # rewind does) must set them too, or the next step silently undoes the rewind.
+        assert r["master_synced"] is True
