@@ -133,6 +133,10 @@ class ForgettingMonitor(TrainerCallback):
         self._train_since = 0.0
         self._steps_since = 0
         self._probe_cost = 0.0
+        # The monitor's own time at a probe step beyond the timed pass (metrics, budgets,
+        # history, TensorBoard, keeping the best state), measured at the last probe step.
+        self._bookkeeping = 0.0
+        self._rewinding = False
         self.overhead = {"baseline_seconds": 0.0, "monitor_seconds": 0.0, "train_seconds": 0.0}
 
     def _check_budget_keys(self, measured: list[str]) -> None:
@@ -553,8 +557,9 @@ class ForgettingMonitor(TrainerCallback):
                 k=sc.top_k, eps=sc.intruder_threshold, cache=self._spectra_cache,
             )
             extra.update(aggregate_spectra(per_layer))
-        # The slowest rank's wall time, shared so every rank holds the same snapshot.
-        seconds = self._ctx.max_floats([time.perf_counter() - start])[0]
+        # The slowest rank's wall time, shared so every rank holds the same snapshot; the
+        # bookkeeping of the last probe step rides on the same collective (schedules stay equal).
+        seconds, self._bookkeeping = self._ctx.max_floats([time.perf_counter() - start, self._bookkeeping])
         return results, seconds, extra
 
     def _setup_model_measurements(self, model: torch.nn.Module) -> None:
@@ -635,6 +640,19 @@ class ForgettingMonitor(TrainerCallback):
         if state.global_step == self._last_probe_step or self.baseline_results is None:
             return  # one probe per step, whichever events fire
         self._last_probe_step = state.global_step
+        start, counted = time.perf_counter(), self.overhead["monitor_seconds"]
+        self._rewinding = False
+        try:
+            self._probe_step(model, state, control, trigger)
+        finally:
+            # Everything else the monitor did at this step is its time too; a rewind's path
+            # search is counted but not taken as the cost of the next, ordinary probe step.
+            rest = max(time.perf_counter() - start - (self.overhead["monitor_seconds"] - counted), 0.0)
+            self.overhead["monitor_seconds"] += rest
+            if not self._rewinding:
+                self._bookkeeping = rest
+
+    def _probe_step(self, model: torch.nn.Module, state: TrainerState, control: TrainerControl, trigger: str) -> None:
         try:
             results, seconds, extra = self._run_probes(model, state, desc=f"arena probes @ {state.global_step}")
         except ProbeFailure as e:
@@ -642,7 +660,7 @@ class ForgettingMonitor(TrainerCallback):
             logger.warning("arena-callbacks: skipping the probe at step %d: %s", state.global_step, e)
             return
         metrics = self._with_sp(state.global_step, {**self._metrics(results, seconds), **extra})
-        self._probe_cost = seconds
+        self._probe_cost = seconds + self._bookkeeping
         self.overhead["monitor_seconds"] += seconds
         self._schedule(state.global_step, probed=True)
         snapshot = Snapshot(state.global_step, metrics, state.epoch, trigger=trigger)
@@ -654,6 +672,7 @@ class ForgettingMonitor(TrainerCallback):
         self.last_decision = decision
         self._record(snapshot, decision, state)
         if rewind:
+            self._rewinding = True
             self._rewind(model, state, control, decision, snapshot)
             return
         self._offer_best(model, snapshot)
@@ -747,6 +766,12 @@ class ForgettingMonitor(TrainerCallback):
         finally:
             handler.callbacks = saved
 
+    def _overhead_summary(self) -> dict[str, float | None]:
+        """Seconds of training and of the monitor's own work (the baseline pass apart); training
+        since the last probe step counts too, measured the same way (on_step_end to on_step_end)."""
+        o = {**self.overhead, "train_seconds": self.overhead["train_seconds"] + self._train_since}
+        return {**o, "fraction": _fraction(o)}
+
     def _write_summary(self) -> None:
         if not self._ctx.is_main or self.output_dir is None or not self.history.snapshots:
             return
@@ -762,7 +787,7 @@ class ForgettingMonitor(TrainerCallback):
             "trainable_parameters": self._trainable_parameters,
             "base_model": self.base_model_path,
             "rewinds": self.rewinds,
-            "overhead": {**self.overhead, "fraction": _fraction(self.overhead)},
+            "overhead": self._overhead_summary(),
             "config": self.config.model_dump(mode="json"),
         }
         points = trajectory(self.history.snapshots)

@@ -45,8 +45,8 @@ def load(name: str) -> tuple[Any, Any, list[str]]:
     from arena_callbacks.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct", progress=False)
-    words = " ".join(text_passages("train")).split()
-    return model, tok, [" ".join(words[i : i + 120]) for i in range(0, 120 * 64, 120)]
+    words = " ".join(text_passages("train") + text_passages("probe")).split()  # ~7200 words: 64 windows of 110
+    return model, tok, [" ".join(words[i : i + 110]) for i in range(0, 110 * 64, 110)]
 
 
 def runner_for(tok: Any, texts: list[str], rows: int, length: int) -> Any:

@@ -175,31 +175,49 @@ def test_on_evaluate_cadence_and_log_action(tokenizer, tmp_path):
 
 
 def test_overhead_budget_schedules_probes_from_measured_costs(tokenizer, tmp_path, monkeypatch):
-    """With a fake clock (each reading 1 s later) a probe costs 1 s and a step 1 s: b = 0.25 gives
-    ceil(1 · 0.75 / (0.25 · 1)) = 3 steps between probes, the first one timed over 2 calibration steps."""
-    import itertools
+    """A controlled clock: a training step takes 1 s, a probe pass 1 s, the bookkeeping after it
+    (metrics, budgets, history, TensorBoard) 0.5 s. With b = 0.25 the first interval (cost 1 s,
+    timed over 2 calibration steps) is ceil(1 · 0.75 / 0.25) = 3 steps; from the second probe on
+    the cost includes the last bookkeeping, 1.5 s, so the next interval is ceil(4.5) = 5 steps."""
     import types
 
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
     import arena_callbacks.callback as cb
+    from arena_callbacks import ProbeRunner
 
-    clock = itertools.count()
-    monkeypatch.setattr(cb, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    clock = [0.0]
+    monkeypatch.setattr(cb, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def ticking(fn, seconds):
+        def wrapper(*args, **kwargs):
+            clock[0] += seconds
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(ProbeRunner, "run", ticking(ProbeRunner.run, 1.0))
+    monkeypatch.setattr(cb.ForgettingMonitor, "_record", ticking(cb.ForgettingMonitor._record, 0.5))
+
+    class Step(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            clock[0] += 1.0
+
     monitor = ForgettingMonitor(
-        {"cadence": {"overhead_budget": 0.25, "calibration_steps": 2}, "probe": {"batch_size": 8, "max_length": 64},
-         "logging": {"tensorboard": False}},
+        {"cadence": {"overhead_budget": 0.25, "calibration_steps": 2, "at_train_end": False},
+         "probe": {"batch_size": 8, "max_length": 64}, "logging": {"tensorboard": False}},
         probes={"general": GENERAL},
     )
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8, report_to=[],
                              save_strategy="no", use_cpu=True, seed=0)
     Trainer(model=pretrained_model(), args=args, train_dataset=[tokenizer(TARGET_TEXT) for _ in range(64)],
             processing_class=tokenizer, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-            callbacks=[monitor]).train()
-    assert [s.step for s in monitor.history] == [0, 3, 6, 9, 10]  # 10: the train-end probe
+            callbacks=[Step(), monitor]).train()
+    assert [s.step for s in monitor.history] == [0, 3, 6]  # the next one would be at 11
     assert all(s.metrics["probe/seconds"] == 1.0 for s in monitor.history)
+    assert monitor.next_probe_step == 11
     summary = json.loads((tmp_path / "arena" / "summary.json").read_text())
     assert summary["overhead"]["baseline_seconds"] == 1.0
-    # Four probes of 1 s (steps 3, 6, 9 and the train-end one at 10) against ten 1-s steps.
+    # Two probe steps of 1 s + 0.5 s; ten 1-s steps, the four after the last probe included.
+    assert summary["overhead"]["monitor_seconds"] == 3.0
     assert summary["overhead"]["train_seconds"] == 10.0
-    assert summary["overhead"]["monitor_seconds"] == 4.0 and summary["overhead"]["fraction"] == pytest.approx(4 / 14)
+    assert summary["overhead"]["fraction"] == pytest.approx(3 / 13)
