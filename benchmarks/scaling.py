@@ -45,8 +45,11 @@ def load(name: str) -> tuple[Any, Any, list[str]]:
     from arena_callbacks.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct", progress=False)
-    words = " ".join(text_passages("train") + text_passages("probe")).split()  # ~7200 words: 64 windows of 110
-    return model, tok, [" ".join(words[i : i + 110]) for i in range(0, 110 * 64, 110)]
+    # 64 windows of 144 tokens (evenly spaced, overlapping where the prose runs short), decoded
+    # to text: each tokenises back to at least the 128 tokens of the longest setting.
+    ids = tok(" ".join(text_passages("train") + text_passages("probe")))["input_ids"]
+    stride = (len(ids) - 144) // 63
+    return model, tok, [tok.decode(ids[i * stride : i * stride + 144]) for i in range(64)]
 
 
 def runner_for(tok: Any, texts: list[str], rows: int, length: int) -> Any:
