@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,17 @@ def real_sequences(kwargs: dict[str, Any]) -> list[list[int]]:
     """The unpadded token ids of each row of a forward's batch."""
     ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
     return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+def run_main(main: Any, *args: Any, **kwargs: Any) -> None:
+    """A worker's entry point: any failure prints its traceback and exits at once with 1, without
+    waiting for the other rank in atexit handlers (a failed rank must never hang the test)."""
+    try:
+        main(*args, **kwargs)
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
 
 
 def dump(path: str | os.PathLike[str], data: dict[str, Any]) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 from datetime import timedelta
 
 import torch
@@ -113,9 +112,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1])
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)  # do not wait for the other rank in atexit handlers
+    C.run_main(main, sys.argv[1])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -122,9 +121,4 @@ def main(work_dir: str, max_steps: int, lr: float, rewind: bool = False) -> None
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), rewind=sys.argv[4:] == ["rewind"])
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
+    C.run_main(main, sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), rewind=sys.argv[4:] == ["rewind"])
