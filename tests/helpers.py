@@ -101,3 +101,26 @@ def target_dataset(tokenizer, n: int = 64):
     from datasets import Dataset
 
     return Dataset.from_list([{"text": TARGET_TEXT}] * n)
+
+
+def sampled_activations(model, modules, sequences, keys):
+    """Reference for activation capture: each sampled token's output of each module, from one
+    unpadded forward of its sequence, in the order of ``keys`` (``(probe, example, choice, t)``).
+
+    ``modules``: ``{name: module}``; ``sequences``: the probe's tokenised sequences.
+    Returns ``{name: tensor(len(keys) × width)}``.
+    """
+    outs = {}
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n, m in modules.items()]
+    seqs = {(s.example, s.choice): s for s in sequences}
+    want = {n: [] for n in modules}
+    try:
+        with torch.no_grad():
+            for _, ex, ch, t in keys:
+                model(input_ids=torch.tensor([seqs[(ex, ch)].ids]))
+                for n in modules:
+                    want[n].append(outs[n][0, t])
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.stack(v) for n, v in want.items()}

@@ -4,7 +4,7 @@ import torch
 from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks.capture import ActivationCapture, expand_braces, resolve_modules
 from arena_callbacks.distributed import DistContext
-from helpers import corpus, make_model
+from helpers import corpus, make_model, sampled_activations
 
 TEXT = [{"text": s} for s in corpus(9, seed=5)]
 
@@ -58,19 +58,9 @@ def test_captured_rows_equal_direct_outputs_and_do_not_depend_on_batching(tokeni
         got[bs] = cap.collect(DistContext())
     assert len(keys) == 40 and keys == sorted(keys)
     # Reference: unpadded forward per row, pick the sampled positions in the same global order.
-    want = {n: [] for n in mods}
-    outs = {}
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n, m in mods.items()]
-    seqs = {(s.example, s.choice): s for s in r.sequences("g")}
-    with torch.no_grad():
-        for _, ex, ch, t in keys:
-            model(input_ids=torch.tensor([seqs[(ex, ch)].ids]))
-            for n in mods:
-                want[n].append(outs[n][0, t])
-    for h in handles:
-        h.remove()
+    want = sampled_activations(model, mods, r.sequences("g"), keys)
     for n in mods:
-        ref = torch.stack(want[n])
+        ref = want[n]
         assert got[1][n].shape == ref.shape == (40, 32)
         torch.testing.assert_close(got[1][n], ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[4][n], ref, rtol=1e-5, atol=1e-5)

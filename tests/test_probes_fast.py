@@ -20,7 +20,7 @@ import arena_callbacks.probes as P
 from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks.capture import ActivationCapture, resolve_modules
 from arena_callbacks.distributed import DistContext
-from helpers import corpus, make_model
+from helpers import corpus, make_model, sampled_activations
 
 # Contexts of 28-44 tokens, above the sharing threshold.
 CONTEXTS = [" ".join(corpus(2, seed=i)) for i in range(7)]
@@ -276,20 +276,10 @@ def test_capture_on_a_shared_multiple_choice_probe_equals_direct_outputs(tokeniz
     with cap.hooks():
         r.run(model, observer=cap)
     got = cap.collect(DistContext())
-    outs = {}
-    handles = [m.register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n, m in mods.items()]
-    seqs = {(s.example, s.choice): s for s in r.sequences("mc")}
-    want = {n: [] for n in mods}
-    with torch.no_grad():
-        for _, ex, ch, t in keys:
-            model(input_ids=torch.tensor([seqs[(ex, ch)].ids]))
-            for n in mods:
-                want[n].append(outs[n][0, t])
-    for h in handles:
-        h.remove()
+    want = sampled_activations(model, mods, r.sequences("mc"), keys)
     for n in mods:
         assert got[n].shape == (50, 32)
-        torch.testing.assert_close(got[n], torch.stack(want[n]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5)
 
 
 def test_peft_model_continues_from_the_cache_with_and_without_adapters(tokenizer, model):
