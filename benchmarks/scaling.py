@@ -16,14 +16,12 @@ per module. One factor varies at a time around rows = 32, length = 64, modules =
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, set_threads, write_json  # noqa: E402
+from _common import interleaved, machine, set_threads, write_json  # noqa: E402
 
 MODULES = {
     4: ["auto"],
@@ -62,16 +60,6 @@ def runner_for(tok: Any, texts: list[str], rows: int, length: int) -> Any:
     return runner
 
 
-def median_time(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
@@ -91,17 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     # Rows and length: the probe pass alone. The configurations alternate per repetition.
     grid = [(r, 64) for r in (16, 32, 64)] + [(32, n) for n in (32, 128)]
     runners = {(r, n): runner_for(tok, texts, r, n) for r, n in grid}
-    times: dict[tuple[int, int], list[float]] = {k: [] for k in grid}
-    for k in grid:
-        runners[k].run(model, ctx)  # warm-up
-    for rep in range(args.repeats):
-        for k in grid if rep % 2 == 0 else grid[::-1]:
-            t = time.perf_counter()
-            runners[k].run(model, ctx)
-            times[k].append(time.perf_counter() - t)
-    for (r, n), ts in times.items():
-        table.append({"rows": r, "length": n, "modules": 0, "probe_s": statistics.median(ts),
-                      "tokens": r * n, "ms_per_token": 1000 * statistics.median(ts) / (r * n)})
+    timed = interleaved({k: lambda k=k: runners[k].run(model, ctx) for k in grid}, args.repeats)
+    for (r, n), t in timed.items():
+        table.append({"rows": r, "length": n, "modules": 0, "probe_s": t["median_s"],
+                      "tokens": r * n, "ms_per_token": 1000 * t["median_s"] / (r * n)})
     # Modules: capture and metrics on rows = 32, length = 64.
     runner = runners[(32, 64)]
     for m, patterns in MODULES.items():
@@ -115,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
 
         capture()
         tracker.measure(model, ctx, baseline=True)
-        t_capture = median_time(capture, args.repeats)
+        t_capture = interleaved({"capture": capture}, args.repeats)["capture"]["median_s"]
         capture()
-        t_metrics = median_time(lambda tracker=tracker: tracker.measure(model, ctx, baseline=False), args.repeats)
+
+        def metrics(tracker: Any = tracker) -> None:
+            tracker.measure(model, ctx, baseline=False)
+
+        t_metrics = interleaved({"metrics": metrics}, args.repeats)["metrics"]["median_s"]
         table.append({"rows": 32, "length": 64, "modules": len(tracker.module_names), "module_names": tracker.module_names,
                       "probe_with_capture_s": t_capture, "metrics_s": t_metrics, "cache_mb": tracker.cache_mb,
                       "sampled_tokens": tracker.capture.n_tokens if tracker.capture else 0})
