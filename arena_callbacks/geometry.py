@@ -86,22 +86,11 @@ def geometry_metrics(x0: torch.Tensor, x1: torch.Tensor, *, gram_rows: int = 102
         return dict.fromkeys(METRICS, math.nan)
     dtype = _compute_dtype(x0.device)
     x0, x1 = x0.detach().to(dtype), x1.detach().to(dtype)
-    mu0, mu1 = x0.mean(dim=0), x1.mean(dim=0)
-    c0, c1 = x0 - mu0, x1 - mu1
+    c0, c1 = x0 - x0.mean(dim=0), x1 - x1.mean(dim=0)
     cosine, norm = _row_drift(x0, x1)
-    n, d = x0.shape
-    if d <= n:
-        # Procrustes and CKA share the three d × d products of the uncentred inputs; centring
-        # is a rank-one correction of each (exact in float64 for any realistic mean/spread).
-        g10 = x1.T @ x0
-        procrustes = _procrustes(x0, x1, core=g10)
-        k01 = g10.T - n * torch.outer(mu0, mu1)
-        k00 = x0.T @ x0 - n * torch.outer(mu0, mu0)
-        k11 = x1.T @ x1 - n * torch.outer(mu1, mu1)
-        cka = _cka_from(k01.square().sum(), torch.linalg.matrix_norm(k00), torch.linalg.matrix_norm(k11))
-    else:
-        procrustes, cka = _procrustes(x0, x1), _cka(c0, c1)
-    values = torch.stack([cosine, norm, _raw(c0, c1), procrustes, _gram(x0, x1, gram_rows), cka])
+    values = torch.stack(
+        [cosine, norm, _raw(c0, c1), _procrustes(x0, x1), _gram(x0, x1, gram_rows), _cka(c0, c1)]
+    )
     return dict(zip(METRICS, values.tolist()))  # one device sync for all six
 
 
@@ -182,15 +171,10 @@ def _raw(c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
     return _ratio(torch.linalg.matrix_norm(c1 - c0), torch.linalg.matrix_norm(c0))
 
 
-def _procrustes(x0: torch.Tensor, x1: torch.Tensor, core: torch.Tensor | None = None) -> torch.Tensor:
-    """``‖X1 R* − X0‖ / ‖X0‖`` without forming R*: ``‖X1R*−X0‖² = ‖X1‖² + ‖X0‖² − 2‖X1ᵀX0‖_*``.
-
-    ``core``: ``X1ᵀX0`` when the caller has it already.
-    """
+def _procrustes(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """``‖X1 R* − X0‖ / ‖X0‖`` without forming R*: ``‖X1R*−X0‖² = ‖X1‖² + ‖X0‖² − 2‖X1ᵀX0‖_*``."""
     n, d = x0.shape
-    if core is not None:
-        pass
-    elif n < d:
+    if n < d:
         # X1ᵀ = Q1 R1, X0ᵀ = Q0 R0 (thin QR) give X1ᵀX0 = Q1 (R1 R0ᵀ) Q0ᵀ; the Q's have
         # orthonormal columns, so the n × n core has the same singular values as the d × d C.
         r1 = torch.linalg.qr(x1.T, mode="r").R
@@ -254,13 +238,8 @@ def _cka(c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
         k0, k1 = c0 @ c0.T, c1 @ c1.T
         num = (k0 * k1).sum()
         n0, n1 = torch.linalg.matrix_norm(k0), torch.linalg.matrix_norm(k1)
-    return _cka_from(num, n0, n1)
-
-
-def _cka_from(num: torch.Tensor, n0: torch.Tensor, n1: torch.Tensor) -> torch.Tensor:
-    """``num / (n0 n1)``: ``‖K01‖² / (‖K00‖ ‖K11‖)`` with the degenerate cases defined."""
     den = n0 * n1
-    degenerate = ((n0 == 0) & (n1 == 0)).to(num.dtype)  # both constant: same; one constant: unrelated
+    degenerate = ((n0 == 0) & (n1 == 0)).to(c0.dtype)  # both constant: same; one constant: unrelated
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), degenerate)
 
 

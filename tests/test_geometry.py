@@ -171,6 +171,10 @@ def test_degenerate_references() -> None:
     ones = np.ones((10, 4))
     same = metrics(ones, ones)  # constant columns: centred matrices are zero
     assert same["raw"] == 0.0 and same["cka"] == 1.0
+    # Constants that are not exact in binary, n > d, and two different ones: still exactly
+    # "both constant" (CKA from centred products, never from uncentred ones minus n·μμᵀ).
+    row = 0.1 + 0.37 * np.arange(8)
+    assert metrics(np.tile(row, (64, 1)), np.tile(row + 0.3, (64, 1)))["cka"] == 1.0
     zeros = np.zeros((10, 4))
     got = metrics(zeros, np.random.default_rng(0).standard_normal((10, 4)))
     assert got["raw"] == math.inf and got["procrustes"] == math.inf and got["cka"] == 0.0
