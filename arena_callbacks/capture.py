@@ -229,6 +229,7 @@ class GeometryTracker:
         self.capture: ActivationCapture | None = None
         self.reference_mode = "cache"
         self.cache: dict[str, torch.Tensor] | None = None
+        self.cache_stats: dict[str, Any] | None = None
         self.cache_mb = 0.0
         self.probe_names: list[str] = []
 
@@ -269,6 +270,7 @@ class GeometryTracker:
             )
         self.reference_mode = mode
         self.cache = None
+        self.cache_stats = None
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator[ActivationCapture | None]:
@@ -281,7 +283,7 @@ class GeometryTracker:
 
     def measure(self, model: torch.nn.Module, ctx: DistContext, *, baseline: bool) -> dict[str, float]:
         """Metrics from the activations the last pass captured; call right after it on all ranks."""
-        from .geometry import aggregate, geometry_metrics
+        from .geometry import aggregate, geometry_metrics, reference_stats
 
         assert self.capture is not None
         model = getattr(model, "module", model)
@@ -298,7 +300,13 @@ class GeometryTracker:
                 self._store_cache(current)
             assert self.cache is not None
             reference = {n: x.float() for n, x in self.cache.items()}
-        per_module = {n: geometry_metrics(reference[n], current[n]) for n in self.capture.modules}
+            if self.cache_stats is None:  # the cache's own products, formed once for every step
+                self.cache_stats = {n: reference_stats(x) for n, x in reference.items()}
+        stats = self.cache_stats if self.reference_mode == "cache" else None
+        per_module = {
+            n: geometry_metrics(reference[n], current[n], reference=None if stats is None else stats[n])
+            for n in self.capture.modules
+        }
         metrics = aggregate(per_module)
         metrics["geometry/cache_mb"] = self.cache_mb
         return metrics
@@ -313,4 +321,5 @@ class GeometryTracker:
                 f"{self.config.max_cache_mb} MB; lower geometry.tokens_per_module, track fewer modules, or raise the cap"
             )
         self.cache = {n: x.to(dtype) for n, x in current.items()}
+        self.cache_stats = None
         self.cache_mb = size

@@ -11,7 +11,7 @@ import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
 
-from arena_callbacks.geometry import METRICS, _nuclear_norm, aggregate, geometry_metrics
+from arena_callbacks.geometry import METRICS, ReferenceStats, _nuclear_norm, aggregate, geometry_metrics, reference_stats
 
 # n < d and n > d: each metric takes a different (n × n or d × d) route in the two.
 SHAPES = [(40, 64), (200, 16)]
@@ -49,14 +49,23 @@ def pair(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x0, x1
 
 
-def metrics(x0: np.ndarray, x1: np.ndarray, **kwargs: int) -> dict[str, float]:
-    return geometry_metrics(torch.from_numpy(x0), torch.from_numpy(x1), **kwargs)
+def metrics(x0: np.ndarray, x1: np.ndarray, *, stats: bool = False, **kwargs: int) -> dict[str, float]:
+    """``stats``: pass the reference's precomputed products (the monitor's cache mode)."""
+    t0, t1 = torch.from_numpy(x0), torch.from_numpy(x1)
+    ref = reference_stats(t0, **kwargs) if stats else None
+    return geometry_metrics(t0, t1, reference=ref, **kwargs)
+
+
+# The tests of values run both ways: every product formed, and the reference's taken from
+# reference_stats (as the monitor does with a cached reference).
+WITH_STATS = pytest.mark.parametrize("stats", [False, True], ids=["formed", "stats"])
 
 
 @pytest.mark.parametrize(("n", "d"), SHAPES)
-def test_every_metric_matches_reference(n: int, d: int) -> None:
+@WITH_STATS
+def test_every_metric_matches_reference(n: int, d: int, stats: bool) -> None:
     x0, x1 = pair(n, d)
-    got, want = metrics(x0, x1), reference(x0, x1)
+    got, want = metrics(x0, x1, stats=stats), reference(x0, x1)
     assert list(got) == list(METRICS)
     for key in METRICS:
         assert got[key] == pytest.approx(want[key], rel=1e-9), key
@@ -64,20 +73,22 @@ def test_every_metric_matches_reference(n: int, d: int) -> None:
 
 
 @pytest.mark.parametrize(("n", "d"), SHAPES)
-def test_gram_subsamples_evenly_spaced_rows(n: int, d: int) -> None:
+@WITH_STATS
+def test_gram_subsamples_evenly_spaced_rows(n: int, d: int, stats: bool) -> None:
     x0, x1 = pair(n, d, seed=1)
     for rows in (7, 30):  # 7 < d (n × n route) and 30 > 16 (d × d route when d = 16)
         idx = [i * (n - 1) // (rows - 1) for i in range(rows)]
-        got = metrics(x0, x1, gram_rows=rows)["gram"]
+        got = metrics(x0, x1, gram_rows=rows, stats=stats)["gram"]
         assert got == pytest.approx(reference(x0[idx], x1[idx])["gram"], rel=1e-9)
-    assert metrics(x0, x1, gram_rows=n)["gram"] == pytest.approx(reference(x0, x1)["gram"], rel=1e-9)
+    assert metrics(x0, x1, gram_rows=n, stats=stats)["gram"] == pytest.approx(reference(x0, x1)["gram"], rel=1e-9)
 
 
 @pytest.mark.parametrize(("n", "d"), SHAPES)
-def test_rotation_is_isometric(n: int, d: int) -> None:
+@WITH_STATS
+def test_rotation_is_isometric(n: int, d: int, stats: bool) -> None:
     x0, _ = pair(n, d)
     q = ortho_group.rvs(d, random_state=3)
-    got = metrics(x0, x0 @ q)
+    got = metrics(x0, x0 @ q, stats=stats)
     assert got["procrustes"] < ZERO_BY_CANCELLATION
     assert got["gram"] < ZERO_BY_CANCELLATION
     assert got["cka"] == pytest.approx(1.0, abs=1e-12)
@@ -87,9 +98,10 @@ def test_rotation_is_isometric(n: int, d: int) -> None:
 
 @pytest.mark.parametrize(("n", "d"), SHAPES)
 @pytest.mark.parametrize("c", [0.25, 2.5])
-def test_scaling(n: int, d: int, c: float) -> None:
+@WITH_STATS
+def test_scaling(n: int, d: int, c: float, stats: bool) -> None:
     x0, _ = pair(n, d)
-    got = metrics(x0, c * x0)
+    got = metrics(x0, c * x0, stats=stats)
     assert got["norm"] == pytest.approx(abs(math.log(c)), rel=1e-12)
     assert got["cosine"] == pytest.approx(0.0, abs=1e-12)
     assert got["cka"] == pytest.approx(1.0, abs=1e-12)
@@ -167,7 +179,11 @@ def test_zero_rows() -> None:
     assert got["norm"] > 10 / 200
 
 
-def test_degenerate_references() -> None:
+@WITH_STATS
+def test_degenerate_references(stats: bool) -> None:
+    def metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+        return globals()["metrics"](a, b, stats=stats)
+
     ones = np.ones((10, 4))
     same = metrics(ones, ones)  # constant columns: centred matrices are zero
     assert same["raw"] == 0.0 and same["cka"] == 1.0
@@ -180,6 +196,32 @@ def test_degenerate_references() -> None:
     assert got["raw"] == math.inf and got["procrustes"] == math.inf and got["cka"] == 0.0
     allzero = metrics(zeros, zeros)
     assert allzero == {"cosine": 0.0, "norm": 0.0, "raw": 0.0, "procrustes": 0.0, "gram": 0.0, "cka": 1.0}
+
+
+@pytest.mark.parametrize(("n", "d"), SHAPES)
+def test_reference_stats_give_the_same_values_and_catch_another_reference(n: int, d: int) -> None:
+    x0, x1 = pair(n, d)
+    t0, t1 = torch.from_numpy(x0), torch.from_numpy(x1)
+    ref = reference_stats(t0, gram_rows=30)
+    assert isinstance(ref, ReferenceStats) and ref.shape == (n, d) and ref.gram_rows == 30
+    z0 = x0 / np.linalg.norm(x0, axis=1, keepdims=True)
+    c0 = x0 - x0.mean(axis=0)
+    assert ref.cka_norm.item() == pytest.approx(np.linalg.norm(c0.T @ c0), rel=1e-12)
+    idx = [i * (n - 1) // 29 for i in range(30)] if n > 30 else list(range(n))
+    assert ref.gram_norm.item() == pytest.approx(np.linalg.norm(z0[idx] @ z0[idx].T), rel=1e-12)
+    assert geometry_metrics(t0, t1, gram_rows=30, reference=ref) == pytest.approx(
+        geometry_metrics(t0, t1, gram_rows=30), rel=1e-12
+    )
+    with pytest.raises(ValueError, match=rf"computed for x0 of shape \({n}, {d}\) with gram_rows=30; .* gram_rows=1024"):
+        geometry_metrics(t0, t1, reference=ref)
+    with pytest.raises(ValueError, match=r"computed from another x0"):
+        geometry_metrics(t0 * 1.001, t1, gram_rows=30, reference=ref)
+    with pytest.raises(ValueError, match=rf"got x0 \({n - 1}, {d}\)"):
+        geometry_metrics(t0[1:], t1[1:], gram_rows=30, reference=ref)
+    with pytest.raises(TypeError, match=r"ReferenceStats from reference_stats\(x0\); got dict"):
+        geometry_metrics(t0, t1, reference={"cka_norm": 1.0})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"gram_rows must be an int >= 2; got 1"):
+        reference_stats(t0, gram_rows=1)
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,16 @@ def test_geometry_budget_stops_and_keys_reach_tensorboard(tokenizer, tmp_path, m
     # Distortion grows with forgetting over the run.
     last = monitor.history.snapshots[-1].metrics
     assert last["delta_nll/general"] > 0 and last["geometry/procrustes/mean"] > base["geometry/procrustes/mean"]
+    if method == "full":
+        # The cache's own products were formed once (reference_stats) and reused: the last
+        # snapshot equals the metrics with every product formed from the cache and the last capture.
+        from arena_callbacks.distributed import DistContext
+        from arena_callbacks.geometry import aggregate, geometry_metrics
+
+        assert set(g.cache_stats) == set(g.module_names)
+        current, ref = g.capture.collect(DistContext()), {n: x.float() for n, x in g.cache.items()}
+        formed = aggregate({n: geometry_metrics(ref[n], current[n]) for n in g.module_names})
+        assert {k: last[k] for k in formed} == pytest.approx(formed, rel=1e-9, abs=1e-12)
     tags = scalars(str(tmp_path / "runs"))
     for key in ("geometry/procrustes/model.norm", "geometry/cka/mean", "geometry/gram/max", "retention/general"):
         assert [s for s, _ in sorted(tags[key])] == [s.step for s in monitor.history], key
