@@ -159,15 +159,15 @@ class ActivationCapture:
         if probe is None or not seqs:
             self._sel = None
             return
-        width = max(len(s.ids) for s in seqs)
+        # Each row's sequence ends at the forward's last position (left padding; a tree row
+        # holds other choices' tokens before it): positions counted from the end.
         rows, pos, ids = [], [], []
         for r, s in enumerate(seqs):
-            pad = width - len(s.ids)
             for t in range(len(s.ids)):
                 g = self.index.get((probe, s.example, s.choice, t))
                 if g is not None:
                     rows.append(r)
-                    pos.append(pad + t)
+                    pos.append(t - len(s.ids))
                     ids.append(g)
         self._sel = (torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long), torch.tensor(ids))
 
@@ -190,7 +190,7 @@ class ActivationCapture:
                 return
             out = output[0] if isinstance(output, (tuple, list)) else output
             rows, pos, ids = self._sel
-            picked = out[rows.to(out.device), pos.to(out.device)]
+            picked = out[rows.to(out.device), (pos + out.shape[1]).to(out.device)]
             self._rows[name].append(picked.detach().float().cpu())
             self._ids[name].append(ids)
 

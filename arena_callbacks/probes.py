@@ -290,11 +290,16 @@ def _tokenize_probe(probe: ProbeSet, tokenizer: Any, settings: ProbeSettings) ->
 # in hooks and logs.
 _MIN_SHARED_PREFIX = 8
 
+# Run a shared context and all its choices in one tree row (see _Batch) where the model takes
+# a 4D attention mask; off, they take the cached-continuation path (tests cover both).
+_TREE_ROWS = True
+
 
 class BatchObserver(Protocol):
     """Told, before each probe forward, which probe and sequences it carries.
 
-    The sequences are the forward's rows, left-padded to the longest. ``probe`` is ``None`` for
+    The sequences are the forward's rows, each ending at the forward's last position (left
+    padding; a tree row holds other choices' tokens before its sequence). ``probe`` is ``None`` for
     forwards whose rows the observer should ignore: filler batches, continuation forwards (the
     later choices of a multiple-choice row whose context is shared carry only the tokens after
     it; that context ran in full, with the row's first choice, in an earlier forward), and once
@@ -357,6 +362,12 @@ class _Batch:
     get the prediction at the end of the context from that row, and those with more tokens run
     as continuations in the forward(s) right after, on the cached context.
 
+    Where the model takes a 4D attention mask, a shared context usually runs as a *tree row*
+    instead (``trees``): the context, the first choice and the other choices' own tokens in one
+    row of the full forward, each choice attending to the context and to itself, with its own
+    positions; no cache and no continuation forward. Rows whose tree would be longer than
+    ``max_length`` take the cached-continuation path.
+
     A *continuation* forward has one row per pack: continuations of one context, placed one
     after the other in the row, each attending to the context and to itself only (a packed
     row needs a 4D attention mask; without one, every pack holds a single continuation).
@@ -368,6 +379,10 @@ class _Batch:
     shared: list[tuple[int, int, tuple[_Seq, ...]]] = field(default_factory=list)
     packs: list[list[_Cont]] = field(default_factory=list)
     cache: bool = False  # a full forward whose context cache the next forward(s) continue
+    # Tree rows: row -> (prefix, other choices). The row holds the other choices' tokens after
+    # the shared context, then the first choice in full (ending at the row's last position,
+    # as every row does); a 4D mask lets each choice see the context and itself only.
+    trees: dict[int, tuple[int, tuple[_Seq, ...]]] = field(default_factory=dict)
 
     @property
     def conts(self) -> list[_Cont]:
@@ -385,6 +400,11 @@ def _shared_prefix(group: Sequence[_Seq]) -> int:
             i += 1
         n = i
     return n
+
+
+def _tree_width(head: _Seq, prefix: int, rest: Sequence[_Seq]) -> int:
+    """Length of a tree row: the first choice in full, then each other choice's tokens after the context but its last."""
+    return len(head.ids) + sum(len(j.ids) - 1 - prefix for j in rest)
 
 
 def _cont_width(c: _Cont) -> int:
@@ -413,9 +433,10 @@ class ProbeRunner:
     """Tokenises probe sets once and runs them on a model.
 
     Each pass runs forwards only: batches are planned once per rank and kept, multiple-choice
-    rows with a shared context run that context once (the first choice in full, the others as
-    continuations of its cached keys and values, or from its last prediction alone when they
-    are one token long), and the vocabulary projection is applied only at scored positions.
+    rows with a shared context run that context once (with all choices in one tree row where
+    the model takes a 4D attention mask; else the first choice in full and the others as
+    continuations of its cached keys and values; from its last prediction alone when they are
+    one token long), and the vocabulary projection is applied only at scored positions.
 
     Example:
         >>> runner = ProbeRunner({"general": general_set}, ProbeSettings())  # doctest: +SKIP
@@ -465,6 +486,7 @@ class ProbeRunner:
         share: bool = True,
         pack: bool = True,
         forward_only: bool = False,
+        tree: bool | None = None,
     ) -> list[_Batch]:
         """This rank's forwards: rows ``i`` with ``i % world_size == rank``, all choices of a row together.
 
@@ -472,14 +494,17 @@ class ProbeRunner:
         forwards of its shared contexts (none when ``forward_only``: observers see the shared
         context and first choice in the full forward, and nothing is scored). ``pack`` puts the
         continuations of one context in one row, up to the longest sequence of its full forward.
+        ``tree`` (default: ``pack``, both need a 4D attention mask) runs a shared context and all
+        its choices in one tree row where it fits in ``max_length``.
         """
-        key = (ctx.rank, ctx.world_size, None if only is None else frozenset(only), share, pack, forward_only)
+        tree = pack and _TREE_ROWS if tree is None else tree
+        key = (ctx.rank, ctx.world_size, None if only is None else frozenset(only), share, pack, forward_only, tree)
         if key not in self._plans:
-            self._plans[key] = self._plan(ctx, only, share, pack, forward_only)
+            self._plans[key] = self._plan(ctx, only, share, pack, forward_only, tree)
         return self._plans[key]
 
     def _plan(
-        self, ctx: DistContext, only: Collection[str] | None, share: bool, pack: bool, forward_only: bool
+        self, ctx: DistContext, only: Collection[str] | None, share: bool, pack: bool, forward_only: bool, tree: bool
     ) -> list[_Batch]:
         bs = self.settings.batch_size
         batches: list[_Batch] = []
@@ -492,20 +517,31 @@ class ProbeRunner:
                     groups.setdefault(s.example, []).append(s)
             full: list[_Seq] = []
             rest_of: dict[int, tuple[int, tuple[_Seq, ...]]] = {}  # example -> (prefix, other choices)
+            tree_of: dict[int, tuple[int, tuple[_Seq, ...]]] = {}  # the same, run as a tree row
+            width: dict[tuple[int, int], int] = {}  # (example, choice) -> row length
             for ex, group in groups.items():
                 prefix = _shared_prefix(group) if share and len(group) > 1 else 0
                 if prefix >= _MIN_SHARED_PREFIX:
                     head, *rest = sorted(group, key=lambda s: s.choice)
                     full.append(head)
-                    rest_of[ex] = (prefix, tuple(rest))
+                    n = _tree_width(head, prefix, rest)
+                    # (One-token choices need no tree: the context's last prediction scores them.)
+                    if tree and not forward_only and len(head.ids) < n <= self.settings.max_length:
+                        tree_of[ex] = (prefix, tuple(rest))
+                        width[(head.example, head.choice)] = n
+                    else:
+                        rest_of[ex] = (prefix, tuple(rest))
                 else:
                     full.extend(group)
-            full.sort(key=lambda s: (-len(s.ids), s.example, s.choice))  # batch by length
+            # Batch by row length.
+            full.sort(key=lambda s: (-width.get((s.example, s.choice), len(s.ids)), s.example, s.choice))
             for k in range(0, len(full), bs):
                 batch = _Batch(p_idx, full[k : k + bs])
                 conts: list[_Cont] = []
                 for r, s in enumerate(batch.seqs):
-                    if s.example in rest_of:
+                    if s.example in tree_of and s.choice == 0:
+                        batch.trees[r] = tree_of[s.example]
+                    elif s.example in rest_of:
                         prefix, rest = rest_of[s.example]
                         batch.shared.append((r, prefix, rest))
                         conts += [_Cont(j, r, prefix) for j in rest if len(j.ids) - 1 > prefix]
@@ -781,8 +817,10 @@ class _Forwarder:
 
     def full(self, batch: _Batch, scores: _Scores, *, score: bool) -> _Head | None:
         seqs = batch.seqs
-        width = max(len(s.ids) for s in seqs)
-        pads = [width - len(s.ids) for s in seqs]
+        trees = batch.trees if score else {}
+        lengths = [_tree_width(s, *trees[r]) if r in trees else len(s.ids) for r, s in enumerate(seqs)]
+        width = max(lengths)
+        pads = [width - len(s.ids) for s in seqs]  # every row's sequence ends at the last position
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, s in enumerate(seqs):
@@ -791,6 +829,35 @@ class _Forwarder:
         kwargs: dict[str, Any] = {"attention_mask": mask}
         if self.positions:
             kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Tree rows: the other choices' tokens before the sequence, at the positions after the context.
+        segments: dict[tuple[int, int], int] = {}  # (row, choice) -> first column of its tokens
+        if trees:
+            allowed = torch.ones(width, width, dtype=torch.bool).tril().expand(len(seqs), width, width).clone()
+            for r, (prefix, rest) in trees.items():
+                ctx_at, q = pads[r], width - lengths[r]
+                for j in rest:
+                    n, ids = len(j.ids) - 1 - prefix, j.ids
+                    if not n:
+                        continue
+                    input_ids[r, q : q + n] = torch.tensor(ids[prefix : prefix + n])
+                    kwargs["position_ids"][r, q : q + n] = torch.arange(prefix, prefix + n)
+                    allowed[r, q : q + n, :] = False
+                    allowed[r, q : q + n, ctx_at : ctx_at + prefix] = True
+                    allowed[r, q : q + n, q : q + n] = torch.ones(n, n, dtype=torch.bool).tril()
+                    segments[(r, j.choice)] = q
+                    q += n
+                # The first choice sees its own sequence only.
+                allowed[r, ctx_at:, : ctx_at] = False
+            # Padding sees itself only (an all-masked query row gives NaN); nothing sees padding.
+            real = torch.zeros(len(seqs), width, dtype=torch.bool)
+            for r, n in enumerate(lengths):
+                real[r, width - n :] = True
+            allowed &= real[:, None, :]
+            allowed |= torch.diag_embed(~real)
+            mask4: torch.Tensor = allowed[:, None]
+            if self.mask_format == "additive":
+                mask4 = torch.zeros(mask4.shape).masked_fill(~mask4, torch.finfo(torch.float32).min)
+            kwargs["attention_mask"] = mask4
         want_cache = score and batch.cache and self.cache_arg is not None
         if not score:
             self._forward(input_ids, kwargs, None, use_cache=False)
@@ -798,6 +865,12 @@ class _Forwarder:
         req = _Requests()
         for r, s in enumerate(seqs):
             req.span((batch.probe, s.example, s.choice), r, range(pads[r] + s.start - 1, width - 1), s.ids[s.start :])
+        for r, (prefix, rest) in trees.items():
+            for j in rest:
+                # Token k is predicted at the column of token k - 1: the context's last, or the choice's own.
+                cols = [pads[r] + prefix - 1 if k == prefix else segments[(r, j.choice)] + k - 1 - prefix
+                        for k in range(j.start, len(j.ids))]
+                req.span((batch.probe, j.example, j.choice), r, cols, j.ids[j.start :])
         for r, prefix, rest in batch.shared:
             # Every choice's prediction at the end of the shared context is this row's.
             for j in rest:

@@ -67,6 +67,9 @@ def real_tokens(kwargs) -> list[int]:
         return [int(n) for n in mask.sum(-1)]
     allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0  # 4D: boolean or additive
     q = kwargs["input_ids"].shape[1]
+    if allowed.shape[-1] == q:  # no cache (tree rows): padding sees only itself and nobody sees it
+        off = allowed & ~torch.eye(q, dtype=torch.bool)
+        return [int(n) for n in (off.any(-1) | off.any(-2)).sum(-1)]
     context = allowed[:, :, : allowed.shape[-1] - q].any(1).sum(-1)  # cached positions anyone sees
     inputs = allowed[:, :, : allowed.shape[-1] - q].any(-1).sum(-1)  # queries that see the context
     return [int(a + b) for a, b in zip(context, inputs)]
@@ -92,12 +95,22 @@ def test_one_token_choices_are_one_token(tokenizer):
 _REFERENCES: dict[str, dict] = {}
 
 
+@pytest.fixture(params=["tree", "continuation"])
+def shared_path(request, monkeypatch) -> str:
+    """Both ways a shared context runs once: tree rows (default with 4D masks) and cached continuations."""
+    monkeypatch.setattr(P, "_TREE_ROWS", request.param == "tree")
+    return request.param
+
+
 @pytest.mark.parametrize("kind, batch_size", [("llama", 2), ("llama", 16), ("gpt2", 3)])
-def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batch_size):
+def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batch_size, shared_path):
     model = make_model(vocab_size=len(tokenizer), kind=kind)
     r = build(tokenizer, ProbeSettings(batch_size=batch_size), mc=MULTI, one=SINGLE, text=[{"text": c} for c in CONTEXTS])
     plan = r._batches(DistContext())
-    assert any(b.conts for b in plan), "no continuation forward: the shared path was not taken"
+    if shared_path == "tree":
+        assert any(b.trees for b in plan) and not any(b.conts for b in plan), "the tree path was not taken"
+    else:
+        assert any(b.conts for b in plan), "no continuation forward: the shared path was not taken"
     # Full forwards carry one row per multiple-choice example, not one per choice.
     full_rows = sum(len(b.seqs) for b in plan if not b.conts and b.probe in (0, 1))
     assert full_rows == len(MULTI) + len(SINGLE)
@@ -151,6 +164,7 @@ def test_one_token_choices_run_one_forward_per_batch_of_questions(tokenizer, mod
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer, model, monkeypatch, packed):
+    monkeypatch.setattr(P, "_TREE_ROWS", False)
     if not packed:  # an attention implementation that takes no 4D mask: one continuation per row
         for_model = P._Forwarder.for_model
         monkeypatch.setattr(P._Forwarder, "for_model", classmethod(
@@ -175,7 +189,38 @@ def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer
     assert_scores_close(r.last_scores, reference(model, r))
 
 
-def test_eager_attention_takes_an_additive_packed_mask(tokenizer):
+def test_tree_rows_run_context_and_choices_in_one_forward(tokenizer, model):
+    r = build(tokenizer, ProbeSettings(batch_size=16), mc=MULTI)
+    seen, handle = count_forwards(model)
+    r.run(model)
+    handle.remove()
+    seqs = r.sequences("mc")
+    prefix = {i: P._shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
+    assert len(seen) == 1  # 7 rows, one batch, no continuation forward
+    # Each row: the first choice in full, and every other choice's tokens after the context but its last.
+    want = [len(s.ids) + sum(len(j.ids) - 1 - prefix[s.example] for j in seqs if j.example == s.example and j.choice)
+            for s in seqs if s.choice == 0]
+    assert sorted(seen[0]) == sorted(want)
+    assert_scores_close(r.last_scores, reference(model, r))
+
+
+def test_tree_rows_longer_than_max_length_take_the_continuation_path(tokenizer, model):
+    seqs = build(tokenizer, mc=MULTI).sequences("mc")
+    prefix = {i: P._shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
+    tree = {i: P._tree_width(next(s for s in seqs if s.example == i and s.choice == 0), prefix[i],
+                             [s for s in seqs if s.example == i and s.choice]) for i in prefix}
+    cap = sorted(tree.values())[3]  # some trees fit, the others do not
+    longest = max(len(s.ids) for s in seqs)
+    r = build(tokenizer, ProbeSettings(batch_size=4, max_length=max(cap, longest)), mc=MULTI)
+    plan = r._batches(DistContext())
+    in_trees = {b.seqs[row].example for b in plan for row in b.trees}
+    assert in_trees == {i for i, n in tree.items() if n <= max(cap, longest)} and len(in_trees) < len(MULTI)
+    assert any(b.conts for b in plan)  # the rest continue from a cached context, some in mixed batches
+    r.run(model)
+    assert_scores_close(r.last_scores, reference(model, r))
+
+
+def test_eager_attention_takes_an_additive_packed_mask(tokenizer, shared_path):
     from transformers import LlamaForCausalLM
 
     cfg = make_model(vocab_size=len(tokenizer)).config
@@ -210,6 +255,7 @@ def test_truncated_rows_that_share_no_prefix(tokenizer, model):
 
 
 def test_unusable_cache_falls_back_to_whole_sequences_in_as_many_forwards(tokenizer, model, monkeypatch):
+    monkeypatch.setattr(P, "_TREE_ROWS", False)
     r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI)
     n_plan = len(r._batches(DistContext()))
     monkeypatch.setattr(P, "_cache_fits", lambda *a: False)
@@ -266,10 +312,11 @@ def test_forward_only_runs_each_shared_context_once(tokenizer, model):
     assert len(seen) == len(plan)
 
 
-def test_capture_on_a_shared_multiple_choice_probe_equals_direct_outputs(tokenizer, model):
+def test_capture_on_a_shared_multiple_choice_probe_equals_direct_outputs(tokenizer, model, shared_path):
     """Geometry rides on choice 0 of each row, which runs in full: capture is unchanged."""
     r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI)
-    assert any(b.conts for b in r._batches(DistContext()))
+    plan = r._batches(DistContext())
+    assert any(b.trees for b in plan) if shared_path == "tree" else any(b.conts for b in plan)
     mods = resolve_modules(model, ["layers.1.mlp.down_proj", "final_norm"])
     keys = ActivationCapture.sample_tokens({"mc": r.sequences("mc")}, 50, seed=0)
     cap = ActivationCapture(mods, keys)
@@ -282,7 +329,7 @@ def test_capture_on_a_shared_multiple_choice_probe_equals_direct_outputs(tokeniz
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5)
 
 
-def test_peft_model_continues_from_the_cache_with_and_without_adapters(tokenizer, model):
+def test_peft_model_continues_from_the_cache_with_and_without_adapters(tokenizer, model, shared_path):
     peft = pytest.importorskip("peft")
     r = build(tokenizer, ProbeSettings(batch_size=4), mc=MULTI)
     base = reference(model, r)
@@ -316,7 +363,7 @@ class _TwoRanks(DistContext):
         return bool(flag)
 
 
-def test_ranks_split_rows_and_run_as_many_forwards(tokenizer, model):
+def test_ranks_split_rows_and_run_as_many_forwards(tokenizer, model, shared_path):
     r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI, one=SINGLE)
     plans = [r._batches(DistContext(rank=k, world_size=2)) for k in range(2)]
     n_total = max(len(p) for p in plans)
