@@ -1,7 +1,7 @@
 """One rank of a 2-process gloo group: multiple-choice probes with shared contexts.
 
 Writes ``rank<r>.json`` with the results, this rank's per-sequence log-likelihoods and the
-rows of every forward it ran (the continuation path is taken: contexts are long enough).
+rows of every forward it ran (contexts are long enough to be shared: tree rows, one forward per batch).
 Run by ``tests/test_probes_fast.py``.
 """
 
