@@ -162,6 +162,17 @@ def test_one_token_choices_run_one_forward_per_batch_of_questions(tokenizer, mod
     assert_scores_close(r.last_scores, reference(model, r))
 
 
+def run_multi_counting(tokenizer, model):
+    """MULTI in one batch of 16: (runner, real tokens per row of each forward, sequences, shared prefix per row)."""
+    r = build(tokenizer, ProbeSettings(batch_size=16), mc=MULTI)
+    seen, handle = count_forwards(model)
+    r.run(model)
+    handle.remove()
+    seqs = r.sequences("mc")
+    prefix = {i: P._shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
+    return r, seen, seqs, prefix
+
+
 @pytest.mark.parametrize("packed", [True, False])
 def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer, model, monkeypatch, packed):
     monkeypatch.setattr(P, "_TREE_ROWS", False)
@@ -169,12 +180,7 @@ def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer
         for_model = P._Forwarder.for_model
         monkeypatch.setattr(P._Forwarder, "for_model", classmethod(
             lambda cls, *a: dataclasses.replace(for_model(*a), mask_format=None)))
-    r = build(tokenizer, ProbeSettings(batch_size=16), mc=MULTI)
-    seen, handle = count_forwards(model)
-    r.run(model)
-    handle.remove()
-    seqs = r.sequences("mc")
-    prefix = {i: P._shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
+    r, seen, seqs, prefix = run_multi_counting(tokenizer, model)
     first, conts = seen[0], seen[1:]
     assert len(conts) == 1  # 7 rows, one batch: one continuation forward
     assert sorted(first) == sorted(len(s.ids) for s in seqs if s.choice == 0)
@@ -190,12 +196,7 @@ def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer
 
 
 def test_tree_rows_run_context_and_choices_in_one_forward(tokenizer, model):
-    r = build(tokenizer, ProbeSettings(batch_size=16), mc=MULTI)
-    seen, handle = count_forwards(model)
-    r.run(model)
-    handle.remove()
-    seqs = r.sequences("mc")
-    prefix = {i: P._shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
+    r, seen, seqs, prefix = run_multi_counting(tokenizer, model)
     assert len(seen) == 1  # 7 rows, one batch, no continuation forward
     # Each row: the first choice in full, and every other choice's tokens after the context but its last.
     want = [len(s.ids) + sum(len(j.ids) - 1 - prefix[s.example] for j in seqs if j.example == s.example and j.choice)
