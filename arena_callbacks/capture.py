@@ -283,7 +283,7 @@ class GeometryTracker:
 
     def measure(self, model: torch.nn.Module, ctx: DistContext, *, baseline: bool) -> dict[str, float]:
         """Metrics from the activations the last pass captured; call right after it on all ranks."""
-        from .geometry import aggregate, geometry_metrics, reference_stats
+        from .geometry import aggregate, geometry_metrics
 
         assert self.capture is not None
         model = getattr(model, "module", model)
@@ -300,9 +300,7 @@ class GeometryTracker:
                 self._store_cache(current)
             assert self.cache is not None
             reference = {n: x.float() for n, x in self.cache.items()}
-            if self.cache_stats is None:  # the cache's own products, formed once for every step
-                self.cache_stats = {n: reference_stats(x) for n, x in reference.items()}
-        stats = self.cache_stats if self.reference_mode == "cache" else None
+        stats = self.cache_stats  # None without a cache: a fresh reference each pass
         per_module = {
             n: geometry_metrics(reference[n], current[n], reference=None if stats is None else stats[n])
             for n in self.capture.modules
@@ -312,6 +310,8 @@ class GeometryTracker:
         return metrics
 
     def _store_cache(self, current: dict[str, torch.Tensor]) -> None:
+        from .geometry import reference_stats
+
         dtype = _CACHE_DTYPES[self.config.cache_dtype]
         size = sum(x.numel() for x in current.values()) * torch.finfo(dtype).bits / 8 / 2**20
         if size > self.config.max_cache_mb:
@@ -321,5 +321,6 @@ class GeometryTracker:
                 f"{self.config.max_cache_mb} MB; lower geometry.tokens_per_module, track fewer modules, or raise the cap"
             )
         self.cache = {n: x.to(dtype) for n, x in current.items()}
-        self.cache_stats = None
+        # The cache's own products, formed once for every step (from the values measure() reads).
+        self.cache_stats = {n: reference_stats(x.float()) for n, x in self.cache.items()}
         self.cache_mb = size

@@ -264,17 +264,14 @@ def _raw(c0: torch.Tensor, c1: torch.Tensor) -> torch.Tensor:
 def _procrustes(x0: torch.Tensor, x1: torch.Tensor, sq0: torch.Tensor, core: torch.Tensor | None) -> torch.Tensor:
     """``‖X1 R* − X0‖ / ‖X0‖`` without forming R*: ``‖X1R*−X0‖² = ‖X1‖² + ‖X0‖² − 2‖X1ᵀX0‖_*``.
 
-    ``core``: ``X1ᵀX0`` when the caller has it (``d <= n``); else it is formed here.
+    ``core``: ``X1ᵀX0`` (``d <= n``), or ``None`` for ``n < d``: an ``n × n`` core instead.
     """
-    n, d = x0.shape
-    if core is None and n < d:
+    if core is None:
         # X1ᵀ = Q1 R1, X0ᵀ = Q0 R0 (thin QR) give X1ᵀX0 = Q1 (R1 R0ᵀ) Q0ᵀ; the Q's have
         # orthonormal columns, so the n × n core has the same singular values as the d × d C.
         r1 = torch.linalg.qr(x1.T, mode="r").R
         r0 = torch.linalg.qr(x0.T, mode="r").R
         core = r1 @ r0.T
-    elif core is None:
-        core = x1.T @ x0
     sq1 = x1.square().sum()
     residual2 = (sq1 + sq0 - 2 * _nuclear_norm(core)).clamp(min=0)  # rounding can dip below 0
     return _ratio(residual2.sqrt(), sq0.sqrt())
@@ -335,14 +332,14 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 def _cka(c0: torch.Tensor, c1: torch.Tensor, cross: torch.Tensor | None, n0: torch.Tensor | None) -> torch.Tensor:
     """Linear CKA of column-centred inputs, through d × d or n × n products, whichever is smaller.
 
-    ``cross``: ``C1ᵀC0`` when the caller has it (``d <= n``); ``n0``: ``‖C0ᵀC0‖_F`` when known.
+    ``cross``: ``C1ᵀC0`` (``d <= n``), or ``None`` for ``n < d`` (``n × n`` products instead);
+    ``n0``: ``‖C0ᵀC0‖_F`` when known (:class:`ReferenceStats`).
     """
-    n, d = c0.shape
-    if d <= n:
-        num = (c1.T @ c0 if cross is None else cross).square().sum()
-        n1 = torch.linalg.matrix_norm(c1.T @ c1)
+    if cross is not None:
+        num = cross.square().sum()
+        n1 = _self_product_norm(c1)
         if n0 is None:
-            n0 = torch.linalg.matrix_norm(c0.T @ c0)
+            n0 = _self_product_norm(c0)
     else:
         # ‖X0ᵀX1‖² = <X0X0ᵀ, X1X1ᵀ> and ‖XᵀX‖ = ‖XXᵀ‖.
         k0, k1 = c0 @ c0.T, c1 @ c1.T

@@ -388,6 +388,10 @@ class _Batch:
     def conts(self) -> list[_Cont]:
         return [c for pack in self.packs for c in pack]
 
+    def row_lengths(self) -> list[int]:
+        """Tokens in each row of a full forward (a tree row's other choices included)."""
+        return [_tree_width(s, *self.trees[r]) if r in self.trees else len(s.ids) for r, s in enumerate(self.seqs)]
+
 
 def _shared_prefix(group: Sequence[_Seq]) -> int:
     """Leading tokens every sequence of ``group`` shares, up to the first scored token of any."""
@@ -518,7 +522,6 @@ class ProbeRunner:
             full: list[_Seq] = []
             rest_of: dict[int, tuple[int, tuple[_Seq, ...]]] = {}  # example -> (prefix, other choices)
             tree_of: dict[int, tuple[int, tuple[_Seq, ...]]] = {}  # the same, run as a tree row
-            width: dict[tuple[int, int], int] = {}  # (example, choice) -> row length
             for ex, group in groups.items():
                 prefix = _shared_prefix(group) if share and len(group) > 1 else 0
                 if prefix >= _MIN_SHARED_PREFIX:
@@ -528,18 +531,19 @@ class ProbeRunner:
                     # (One-token choices need no tree: the context's last prediction scores them.)
                     if tree and not forward_only and len(head.ids) < n <= self.settings.max_length:
                         tree_of[ex] = (prefix, tuple(rest))
-                        width[(head.example, head.choice)] = n
                     else:
                         rest_of[ex] = (prefix, tuple(rest))
                 else:
                     full.extend(group)
-            # Batch by row length.
-            full.sort(key=lambda s: (-width.get((s.example, s.choice), len(s.ids)), s.example, s.choice))
+            def row_length(s: _Seq) -> int:
+                return _tree_width(s, *tree_of[s.example]) if s.example in tree_of else len(s.ids)
+
+            full.sort(key=lambda s: (-row_length(s), s.example, s.choice))  # batch by row length
             for k in range(0, len(full), bs):
                 batch = _Batch(p_idx, full[k : k + bs])
                 conts: list[_Cont] = []
                 for r, s in enumerate(batch.seqs):
-                    if s.example in tree_of and s.choice == 0:
+                    if s.example in tree_of:  # its first choice, the only one in `full`
                         batch.trees[r] = tree_of[s.example]
                     elif s.example in rest_of:
                         prefix, rest = rest_of[s.example]
@@ -816,9 +820,8 @@ class _Forwarder:
                    mask_format if cache_arg is not None else None)
 
     def full(self, batch: _Batch, scores: _Scores, *, score: bool) -> _Head | None:
-        seqs = batch.seqs
-        trees = batch.trees if score else {}
-        lengths = [_tree_width(s, *trees[r]) if r in trees else len(s.ids) for r, s in enumerate(seqs)]
+        seqs, trees = batch.seqs, batch.trees  # (no trees in filler or forward-only batches)
+        lengths = batch.row_lengths()
         width = max(lengths)
         pads = [width - len(s.ids) for s in seqs]  # every row's sequence ends at the last position
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -848,16 +851,9 @@ class _Forwarder:
                     q += n
                 # The first choice sees its own sequence only.
                 allowed[r, ctx_at:, : ctx_at] = False
-            # Padding sees itself only (an all-masked query row gives NaN); nothing sees padding.
-            real = torch.zeros(len(seqs), width, dtype=torch.bool)
-            for r, n in enumerate(lengths):
-                real[r, width - n :] = True
-            allowed &= real[:, None, :]
-            allowed |= torch.diag_embed(~real)
-            mask4: torch.Tensor = allowed[:, None]
-            if self.mask_format == "additive":
-                mask4 = torch.zeros(mask4.shape).masked_fill(~mask4, torch.finfo(torch.float32).min)
-            kwargs["attention_mask"] = mask4
+            real = torch.arange(width) >= width - torch.tensor(lengths)[:, None]
+            allowed &= real[:, None, :]  # nothing sees padding
+            kwargs["attention_mask"] = _mask_4d(allowed, self.mask_format)
         want_cache = score and batch.cache and self.cache_arg is not None
         if not score:
             self._forward(input_ids, kwargs, None, use_cache=False)
@@ -923,12 +919,7 @@ class _Forwarder:
                 req.span(keys[id(c)], i, range(q + first - prefix, q + n), ids[first + 1 :])
                 q += n
         if packed:
-            # Padding positions see themselves: no query row is empty (an all-masked row gives NaN).
-            pads = ~allowed.any(-1)
-            allowed[:, :, head.width :] |= torch.diag_embed(pads)
-            mask: torch.Tensor = allowed[:, None]
-            if self.mask_format == "additive":
-                mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+            mask: torch.Tensor = _mask_4d(allowed, self.mask_format, offset=head.width)
         else:  # one continuation per row: a 2D padding mask over context + row says it all
             mask = allowed.any(1).long()
         rows = torch.tensor([pk[0].row for pk in packs])
@@ -986,6 +977,20 @@ class _Forwarder:
         n_wrong = torch.bincount(seg, weights=wrong.double(), minlength=len(req.keys))
         for k, key in enumerate(req.keys):
             scores.add(key, float(lp_sum[k]), int(n[k]), bool(n_wrong[k] == 0), pending=req.pending[k])
+
+
+def _mask_4d(allowed: torch.Tensor, mask_format: str | None, offset: int = 0) -> torch.Tensor:
+    """``rows × queries × keys`` booleans as the model's 4D attention mask (``bool`` or ``additive``).
+
+    A query that may see nothing (padding) sees itself, at key ``offset + query`` (after a cache
+    of ``offset`` positions): an all-masked query row gives NaN.
+    """
+    empty = ~allowed.any(-1)
+    allowed[:, :, offset:] |= torch.diag_embed(empty)
+    mask = allowed[:, None]
+    if mask_format == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    return mask
 
 
 def _position_mask(shape: torch.Size, req: _Requests) -> torch.Tensor:

@@ -136,10 +136,7 @@ def flops(model: Any, monitor: Any, steps: int, setup: dict[str, Any]) -> dict[s
         if batch.conts:
             probe_tokens += sum(len(c.seq.ids) - 1 - c.prefix for c in batch.conts)
         else:  # a tree row also carries its other choices' tokens after the context
-            from arena_callbacks.probes import _tree_width
-
-            probe_tokens += sum(_tree_width(s, *batch.trees[r]) if r in batch.trees else len(s.ids)
-                                for r, s in enumerate(batch.seqs))
+            probe_tokens += sum(batch.row_lengths())
     scored = sum(len(s.ids) - s.start for name in runner.probes for s in runner.sequences(name))
     probe = 2 * body * probe_tokens + 2 * head.numel() * scored
     train_tokens = 8 * statistics.mean(len(x["input_ids"]) for x in setup["data"])  # batch × mean row length
