@@ -69,6 +69,18 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     return info
 
 
+RANDOM_INIT_MARKER = "random_init.json"
+
+
+def model_label(spec: str) -> str:
+    """The model's name for a report; a folder made by ``gpu.py --init-from`` says it has random weights."""
+    marker = Path(spec) / RANDOM_INIT_MARKER
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+        return f"{info['architecture_of']} architecture, random weights (seed {info['seed']})"
+    return spec
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, set_threads, write_json  # noqa: E402
+from _common import machine, model_label, set_threads, write_json  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 
@@ -49,24 +49,24 @@ MODEL = "smollm2-135m-instruct"
 # --------------------------------------------------------------------------------------
 
 
-def smollm2_setup(device: str) -> dict[str, Any]:
+def smollm2_setup(device: str, spec: str = MODEL) -> dict[str, Any]:
     import peft
 
     from arena_callbacks.capabilities import build_capabilities, text_passages
     from arena_callbacks.models import load_model_and_tokenizer
 
-    _, tok = load_model_and_tokenizer(MODEL, progress=False)
+    _, tok = load_model_and_tokenizer(spec, progress=False)
     data = [tok(t, truncation=True, max_length=64) for t in text_passages("train")]
 
     def model() -> Any:
-        m, _ = load_model_and_tokenizer(MODEL, progress=False)
+        m, _ = load_model_and_tokenizer(spec, progress=False)
         return peft.get_peft_model(m.to(device), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
 
     return {"tok": tok, "data": data, "model": model, "lr": 2e-3, "trainable": "lora", "steps": 100, "budgets": (0.03,),
             "probes": build_capabilities(["general_text", "world_knowledge"], n=16)}
 
 
-def tiny_setup(device: str) -> dict[str, Any]:
+def tiny_setup(device: str, spec: str | None = None) -> dict[str, Any]:  # spec: the smollm2 setup's only
     from helpers import TARGET_TEXT, corpus, make_tokenizer, pretrained_model
 
     tok = make_tokenizer()
@@ -150,7 +150,7 @@ def flops(model: Any, monitor: Any, steps: int, setup: dict[str, Any]) -> dict[s
 
 
 def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    setup = SETUPS[name](args.device)
+    setup = SETUPS[name](args.device, args.model)
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(setup["budgets"])
     steps = args.steps or setup["steps"]
     variants: dict[str, float | None] = {"plain": None, **{f"monitor@{b:g}": b for b in budgets}}
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", default=MODEL, help="the smollm2 setup's model spec (built-in name or folder)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     set_threads(args.threads)
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("arena_callbacks").setLevel(logging.WARNING)
     results = {name: bench_setup(name, args) for name in args.setups.split(",")}
-    report = {"benchmark": "overhead", "machine": machine(args.device), "results": results,
+    report = {"benchmark": "overhead", "model": model_label(args.model), "machine": machine(args.device), "results": results,
               "note": "cadence.overhead_budget schedules probes; at_train_end is off so that only budgeted probes count"}
     path = write_json("overhead" if args.device == "cpu" else f"overhead_{args.device}", report, args.out)
     for name, r in results.items():

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import interleaved, machine, paired_ratio, set_threads, write_json  # noqa: E402
+from _common import interleaved, machine, model_label, paired_ratio, set_threads, write_json  # noqa: E402
 
 TARGETS = {"mc_single": 1.3, "mc_multi": 2.0, "text": 2.0}  # lm-eval time / ProbeRunner time
 TOLERANCE = 1e-4
@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default="mc_single,mc_multi,text")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reference", type=int, default=8, help="sequences also scored by an unpadded fp64-softmax forward")
+    ap.add_argument("--model", default=MODEL, help="model spec for load_model_and_tokenizer (built-in name or folder)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     set_threads(args.threads)
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     from arena_callbacks.models import load_model_and_tokenizer
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    model, tok = load_model_and_tokenizer(MODEL, progress=False)
+    model, tok = load_model_and_tokenizer(args.model, progress=False)
     model = model.to(args.device).eval()
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, device=args.device)
     builders = {"mc_single": mc_single_rows, "mc_multi": mc_multi_rows, "text": text_rows}
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<10} ProbeRunner {r['probe_runner_s']:7.2f} s   lm-eval {r['lm_eval_hflm_s']:7.2f} s   "
               f"speedup {r['speedup']:.2f}x (target {r['target_speedup']}x, FLOP ratio {r['flop_ratio']:.2f}x)   max |Δ loglik| {r['max_abs_loglik_diff']:.1e}"
               f"   accuracy {r['accuracy']}", flush=True)
-    report = {"benchmark": "probe_throughput", "model": MODEL, "batch_size": args.batch_size, "repeats": args.repeats,
+    report = {"benchmark": "probe_throughput", "model": model_label(args.model), "batch_size": args.batch_size, "repeats": args.repeats,
               "machine": machine(args.device), "results": results}
     path = write_json("probe_throughput" if args.device == "cpu" else f"probe_throughput_{args.device}", report, args.out)
     print(f"written to {path}")
