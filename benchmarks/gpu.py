@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra += ["--rows", str(args.rows)]
             rc |= probe_throughput.main(["--device", "cuda", "--threads", "0", "--model", model, *extra])
         if "overhead" in args.only:
-            extra = ["--steps", "20", "--repeats", "1"] if args.quick else []
+            extra = ["--steps", "20", "--repeats", "1"] if args.quick else ["--repeats", "3"]
             rc |= overhead.main(["--device", "cuda", "--threads", "0", "--setups", "smollm2", "--model", model, *extra])
     return rc
 

@@ -12,8 +12,10 @@ Checks (each prints a row and lands in the JSON; exit status 1 if any fails):
    ``disable_adapter()`` reference, bf16 probes vs fp32: |Δ| ≤ 0.05·|fp32 value| + 0.01 (bf16
    rounding of the activations alone leaves a residual of order 1e-2).
 3. Rewind: ``α = 0`` on the path gives the pretrained logits exactly in fp32 (difference 0)
-   and within 1e-2 (max |Δ logit| / max |logit|) with bf16 weights; a kept state restores
-   bit-exactly on the GPU.
+   and within 1e-6 (max |Δ logit| / max |logit|) of the bf16 pretrained model with bf16
+   weights; a kept state restores bit-exactly on the GPU. (How far bf16 weights alone move
+   the logits from fp32 is recorded as an ``info`` row: 2% of the largest logit on SmolLM2's
+   architecture with random weights, H100.)
 4. Trainer: a few steps of a LoRA finetune with ``bf16=True`` and the monitor attached; the
    monitor's baseline (``probe.precision: fp32``) equals a plain fp32 pass to 1e-5 relative.
 
@@ -38,7 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 NLL_REL = 2e-2
 GEOM_TOL = 5e-2
 GEOM_ABS = 1e-2
-LOGIT_REL_BF16 = 1e-2
+LOGIT_REL_BF16 = 1e-6
 TRAINER_REL = 1e-5
 
 
@@ -172,18 +174,24 @@ def main(argv=None) -> int:
     exact = all(torch.equal(capture_state(lora)[k], theta1[k]) for k in theta1)
     check("rewind: kept state restored bit-exactly on the GPU", 0.0 if exact else 1.0, 0.0, exact)
     lora16 = lora.to(torch.bfloat16)
+    with torch.no_grad(), lora16.disable_adapter():
+        base16 = lora16(input_ids=ids).logits.float()
     theta1_16 = capture_state(lora16)
     theta0_16 = {k: (torch.zeros_like(v) if "lora_B" in k else v.clone()) for k, v in theta1_16.items()}
     load_state(lora16, interpolate(theta0_16, theta1_16, 0.0, path_rules(theta0_16)))
     with torch.no_grad():
         z16 = lora16(input_ids=ids).logits.float()
-    rel = float((z16 - base_logits).abs().max() / base_logits.abs().max())
-    check("rewind α=0 logits, bf16 weights vs fp32 pretrained (rel)", rel, LOGIT_REL_BF16, rel <= LOGIT_REL_BF16)
+    # α = 0 in bf16 is the bf16 pretrained model: B = 0 adds an exact zero to each layer's output.
+    rel = float((z16 - base16).abs().max() / base16.abs().max())
+    check("rewind α=0 logits vs pretrained, bf16 weights (rel)", rel, LOGIT_REL_BF16, rel <= LOGIT_REL_BF16)
+    # For the record: what bf16 weights alone move the logits (30 layers of bf16 rounding).
+    rel32 = float((base16 - base_logits).abs().max() / base_logits.abs().max())
+    rows.append({"check": "info: bf16 vs fp32 pretrained logits (rel, max)", "value": rel32, "limit": None, "ok": True})
+    print(f"INFO  {'bf16 vs fp32 pretrained logits (rel, max)':<55} {rel32:.3g}")
 
     # A short bf16 Trainer run with the monitor.
     import tempfile
 
-    from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
     from arena_callbacks import ForgettingMonitor
@@ -195,8 +203,7 @@ def main(argv=None) -> int:
     probes = {n: s.rows for n, s in sets.items()}
     mon = ForgettingMonitor({"cadence": {"every_n_steps": 2}, "probe": {"batch_size": 16, "max_length": 256,
                              "truncate": True}, "logging": {"tensorboard": False}}, probes=probes)
-    text = Dataset.from_list([{"text": "def add(a, b):\n    return a + b\n"}] * 64)
-    data = text.map(lambda r: tok2(r["text"]), remove_columns=["text"])
+    data = [tok2("def add(a, b):\n    return a + b\n") for _ in range(64)]
     from transformers import DataCollatorForLanguageModeling
 
     with tempfile.TemporaryDirectory() as d:

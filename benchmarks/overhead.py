@@ -156,6 +156,9 @@ def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     variants: dict[str, float | None] = {"plain": None, **{f"monitor@{b:g}": b for b in budgets}}
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     names = list(variants)
+    if args.device != "cpu":
+        # The first run on a GPU also pays for CUDA's and cuBLAS's start-up: warm up untimed.
+        train(setup, min(steps, 10), None, args.device)
     for rep in range(args.repeats):
         for v in names if rep % 2 == 0 else names[::-1]:
             runs[v].append(train(setup, steps, variants[v], args.device))
