@@ -155,19 +155,19 @@ class ActivationCapture:
         return sorted(pool)
 
     # ---- the BatchObserver protocol
-    def before_batch(self, probe: str | None, seqs: Sequence[Any]) -> None:
-        if probe is None or not seqs:
+    def before_batch(self, probe: str | None, placed: Sequence[tuple[int, int, Any]]) -> None:
+        if probe is None or not placed:
             self._sel = None
             return
-        # Each row's sequence ends at the forward's last position (left padding; a tree row
-        # holds other choices' tokens before it): positions counted from the end.
+        # Rows are right-aligned: positions are counted from the row's end, where each
+        # sequence ends `end` (<= 0) before.
         rows, pos, ids = [], [], []
-        for r, s in enumerate(seqs):
+        for r, end, s in placed:
             for t in range(len(s.ids)):
                 g = self.index.get((probe, s.example, s.choice, t))
                 if g is not None:
                     rows.append(r)
-                    pos.append(t - len(s.ids))
+                    pos.append(end + t - len(s.ids))
                     ids.append(g)
         self._sel = (torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long), torch.tensor(ids))
 

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -294,19 +294,26 @@ _MIN_SHARED_PREFIX = 8
 # a 4D attention mask; off, they take the cached-continuation path (tests cover both).
 _TREE_ROWS = True
 
+# Put several short sequences (or tree rows) in one row of a full forward where the model takes a
+# 4D attention mask, each attending to itself only, in rows no longer than the probe's longest
+# sequence (see _Batch); off, one per row (tests cover both).
+_PACK_ROWS = True
+
 
 class BatchObserver(Protocol):
-    """Told, before each probe forward, which probe and sequences it carries.
+    """Told, before each probe forward, which probe and sequences it carries, and where.
 
-    The sequences are the forward's rows, each ending at the forward's last position (left
-    padding; a tree row holds other choices' tokens before its sequence). ``probe`` is ``None`` for
+    ``placed`` holds ``(row, end, sequence)``: the sequence's tokens are the ``len(ids)``
+    positions of ``row`` ending ``end`` (≤ 0) positions before the row's end (rows are
+    right-aligned; a row may hold several sequences, and a tree row holds other choices' tokens
+    before its first choice's sequence). ``probe`` is ``None`` for
     forwards whose rows the observer should ignore: filler batches, continuation forwards (the
     later choices of a multiple-choice row whose context is shared carry only the tokens after
     it; that context ran in full, with the row's first choice, in an earlier forward), and once
     after the pass, to reset.
     """
 
-    def before_batch(self, probe: str | None, seqs: Sequence[_Seq]) -> None: ...
+    def before_batch(self, probe: str | None, placed: Sequence[tuple[int, int, _Seq]]) -> None: ...
 
 
 class ProbeFailure(RuntimeError):
@@ -368,6 +375,12 @@ class _Batch:
     positions; no cache and no continuation forward. Rows whose tree would be longer than
     ``max_length`` take the cached-continuation path.
 
+    With a 4D mask a full forward's row may also hold several *units* (a sequence, or a tree:
+    ``rows`` gives each unit's row), one after the other, the last ending at the row's end; each
+    attends to itself only and has its own positions. A row is never longer than the probe's
+    longest unit, so a packed forward is no larger than the longest unpacked one. Units whose
+    shared context is continued from the cache keep a row of their own.
+
     A *continuation* forward has one row per pack: continuations of one context, placed one
     after the other in the row, each attending to the context and to itself only (a packed
     row needs a 4D attention mask; without one, every pack holds a single continuation).
@@ -379,18 +392,48 @@ class _Batch:
     shared: list[tuple[int, int, tuple[_Seq, ...]]] = field(default_factory=list)
     packs: list[list[_Cont]] = field(default_factory=list)
     cache: bool = False  # a full forward whose context cache the next forward(s) continue
-    # Tree rows: row -> (prefix, other choices). The row holds the other choices' tokens after
-    # the shared context, then the first choice in full (ending at the row's last position,
-    # as every row does); a 4D mask lets each choice see the context and itself only.
+    # Trees: unit (index into seqs) -> (prefix, other choices). The unit holds the other
+    # choices' tokens after the shared context, then the first choice in full; a 4D mask lets
+    # each choice see the context and itself only.
     trees: dict[int, tuple[int, tuple[_Seq, ...]]] = field(default_factory=dict)
+    rows: list[int] = field(default_factory=list)  # each unit's row (empty: unit i in row i)
 
     @property
     def conts(self) -> list[_Cont]:
         return [c for pack in self.packs for c in pack]
 
+    @property
+    def packed(self) -> bool:
+        return len(set(self.rows)) < len(self.rows)
+
+    def row_of(self, u: int) -> int:
+        return self.rows[u] if self.rows else u
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows[-1] + 1 if self.rows else len(self.seqs)
+
+    def unit_lengths(self) -> list[int]:
+        """Tokens of each unit (a tree's other choices included)."""
+        return [_tree_width(s, *self.trees[u]) if u in self.trees else len(s.ids) for u, s in enumerate(self.seqs)]
+
     def row_lengths(self) -> list[int]:
-        """Tokens in each row of a full forward (a tree row's other choices included)."""
-        return [_tree_width(s, *self.trees[r]) if r in self.trees else len(s.ids) for r, s in enumerate(self.seqs)]
+        """Tokens in each row of a full forward."""
+        fill = [0] * self.n_rows
+        for u, n in enumerate(self.unit_lengths()):
+            fill[self.row_of(u)] += n
+        return fill
+
+    def placed(self) -> list[tuple[int, int, _Seq]]:
+        """``(row, end, sequence)`` per unit: ``end`` (≤ 0) is where the sequence ends, counted
+        from the row's end (a tree's first choice ends its unit)."""
+        after = [0] * self.n_rows  # tokens of the units after this one in its row
+        out: list[tuple[int, int, _Seq]] = []
+        for u, n in reversed(list(enumerate(self.unit_lengths()))):
+            r = self.row_of(u)
+            out.append((r, -after[r], self.seqs[u]))
+            after[r] += n
+        return out[::-1]
 
 
 def _shared_prefix(group: Sequence[_Seq]) -> int:
@@ -409,6 +452,32 @@ def _shared_prefix(group: Sequence[_Seq]) -> int:
 def _tree_width(head: _Seq, prefix: int, rest: Sequence[_Seq]) -> int:
     """Length of a tree row: the first choice in full, then each other choice's tokens after the context but its last."""
     return len(head.ids) + sum(len(j.ids) - 1 - prefix for j in rest)
+
+
+def _pack_rows(units: Sequence[_Seq], length: Callable[[_Seq], int], solo: Collection[int]) -> list[list[_Seq]]:
+    """Units sorted longest first into rows no longer than the first, first fit; units of
+    examples in ``solo`` get a row of their own. Rows come out fullest first."""
+    if not units:
+        return []
+    width, shortest = length(units[0]), length(units[-1])
+    rows: list[list[_Seq]] = []
+    fill: list[int] = []
+    open_: list[int] = []  # rows that may still take the shortest unit
+    for s in units:
+        n = length(s)
+        i = next((i for i in open_ if fill[i] + n <= width), None) if s.example not in solo else None
+        if i is None:
+            i = len(rows)
+            rows.append([])
+            fill.append(0)
+            if s.example not in solo:
+                open_.append(i)
+        rows[i].append(s)
+        fill[i] += n
+        if fill[i] + shortest > width and i in open_:
+            open_.remove(i)
+    order = sorted(range(len(rows)), key=lambda i: -fill[i])
+    return [rows[i] for i in order]
 
 
 def _cont_width(c: _Cont) -> int:
@@ -491,6 +560,7 @@ class ProbeRunner:
         pack: bool = True,
         forward_only: bool = False,
         tree: bool | None = None,
+        packed: bool | None = None,
     ) -> list[_Batch]:
         """This rank's forwards: rows ``i`` with ``i % world_size == rank``, all choices of a row together.
 
@@ -499,16 +569,20 @@ class ProbeRunner:
         context and first choice in the full forward, and nothing is scored). ``pack`` puts the
         continuations of one context in one row, up to the longest sequence of its full forward.
         ``tree`` (default: ``pack``, both need a 4D attention mask) runs a shared context and all
-        its choices in one tree row where it fits in ``max_length``.
+        its choices in one tree row where it fits in ``max_length``; ``packed`` (default:
+        ``pack``) puts several units in one row of a full forward.
         """
         tree = pack and _TREE_ROWS if tree is None else tree
-        key = (ctx.rank, ctx.world_size, None if only is None else frozenset(only), share, pack, forward_only, tree)
+        packed = pack and _PACK_ROWS if packed is None else packed
+        key = (ctx.rank, ctx.world_size, None if only is None else frozenset(only), share, pack, forward_only, tree,
+               packed)
         if key not in self._plans:
-            self._plans[key] = self._plan(ctx, only, share, pack, forward_only, tree)
+            self._plans[key] = self._plan(ctx, only, share, pack, forward_only, tree, packed)
         return self._plans[key]
 
     def _plan(
-        self, ctx: DistContext, only: Collection[str] | None, share: bool, pack: bool, forward_only: bool, tree: bool
+        self, ctx: DistContext, only: Collection[str] | None, share: bool, pack: bool, forward_only: bool, tree: bool,
+        packed: bool,
     ) -> list[_Batch]:
         bs = self.settings.batch_size
         batches: list[_Batch] = []
@@ -535,20 +609,23 @@ class ProbeRunner:
                         rest_of[ex] = (prefix, tuple(rest))
                 else:
                     full.extend(group)
-            def row_length(s: _Seq) -> int:
+            def unit_length(s: _Seq) -> int:
                 return _tree_width(s, *tree_of[s.example]) if s.example in tree_of else len(s.ids)
 
-            full.sort(key=lambda s: (-row_length(s), s.example, s.choice))  # batch by row length
-            for k in range(0, len(full), bs):
-                batch = _Batch(p_idx, full[k : k + bs])
+            full.sort(key=lambda s: (-unit_length(s), s.example, s.choice))  # batch by length
+            rows = _pack_rows(full, unit_length, rest_of) if packed else [[s] for s in full]
+            for k in range(0, len(rows), bs):
+                chunk = rows[k : k + bs]
+                batch = _Batch(p_idx, [s for row in chunk for s in row],
+                               rows=[i for i, row in enumerate(chunk) for _ in row] if packed else [])
                 conts: list[_Cont] = []
-                for r, s in enumerate(batch.seqs):
+                for u, s in enumerate(batch.seqs):
                     if s.example in tree_of:  # its first choice, the only one in `full`
-                        batch.trees[r] = tree_of[s.example]
-                    elif s.example in rest_of:
+                        batch.trees[u] = tree_of[s.example]
+                    elif s.example in rest_of:  # alone in its row
                         prefix, rest = rest_of[s.example]
-                        batch.shared.append((r, prefix, rest))
-                        conts += [_Cont(j, r, prefix) for j in rest if len(j.ids) - 1 > prefix]
+                        batch.shared.append((u, prefix, rest))
+                        conts += [_Cont(j, batch.row_of(u), prefix) for j in rest if len(j.ids) - 1 > prefix]
                 batches.append(batch)
                 if forward_only or not conts:
                     continue
@@ -606,9 +683,10 @@ class ProbeRunner:
         n_total = ctx.all_reduce_max(len(batches))
         # Ranks with fewer forwards replay one of theirs (or any sequence) so that every rank
         # runs the same number of forwards; the results of those are discarded.
-        filler = batches[0].seqs if batches else [next(s for seqs in self._seqs.values() for s in seqs)]
+        filler = (_Batch(0, batches[0].seqs, dummy=True, rows=batches[0].rows) if batches
+                  else _Batch(0, [next(s for seqs in self._seqs.values() for s in seqs)], dummy=True))
         names = list(self._seqs)
-        batches += [_Batch(0, filler, dummy=True) for _ in range(n_total - len(batches))]
+        batches += [filler] * (n_total - len(batches))
 
         # One extra row carries "this rank failed" so that a fault on one rank is known to all
         # after the single collective below, instead of leaving the others waiting.
@@ -644,7 +722,7 @@ class ProbeRunner:
                             head = fwd.continuation(batch, head, scores, observer, names[batch.probe])
                         else:
                             if observer is not None:
-                                observer.before_batch(None if batch.dummy else names[batch.probe], batch.seqs)
+                                observer.before_batch(None if batch.dummy else names[batch.probe], batch.placed())
                             head = None  # free the previous context cache before this forward
                             head = fwd.full(batch, scores, score=not (batch.dummy or forward_only))
                     except Exception as e:  # out of memory, a broken forward...: reported on every rank
@@ -821,64 +899,70 @@ class _Forwarder:
 
     def full(self, batch: _Batch, scores: _Scores, *, score: bool) -> _Head | None:
         seqs, trees = batch.seqs, batch.trees  # (no trees in filler or forward-only batches)
-        lengths = batch.row_lengths()
-        width = max(lengths)
-        pads = [width - len(s.ids) for s in seqs]  # every row's sequence ends at the last position
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            input_ids[r, pads[r] :] = torch.tensor(s.ids)
-            mask[r, pads[r] :] = 1
-        kwargs: dict[str, Any] = {"attention_mask": mask}
-        if self.positions:
-            kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-        # Tree rows: the other choices' tokens before the sequence, at the positions after the context.
-        segments: dict[tuple[int, int], int] = {}  # (row, choice) -> first column of its tokens
-        if trees:
-            allowed = torch.ones(width, width, dtype=torch.bool).tril().expand(len(seqs), width, width).clone()
-            for r, (prefix, rest) in trees.items():
-                ctx_at, q = pads[r], width - lengths[r]
+        fill = batch.row_lengths()
+        width, n_rows = max(fill), len(fill)
+        placed = batch.placed()
+        # Each unit's sequence ends `end` before its row's end; a tree's other choices precede it.
+        at = [width + end - len(s.ids) for _, end, s in placed]  # first column of each sequence
+        row = [r for r, _, _ in placed]
+        input_ids = torch.full((n_rows, width), self.pad_id, dtype=torch.long)
+        position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+        for u, s in enumerate(seqs):
+            input_ids[row[u], at[u] : at[u] + len(s.ids)] = torch.tensor(s.ids)
+            position_ids[row[u], at[u] : at[u] + len(s.ids)] = torch.arange(len(s.ids))
+        kwargs: dict[str, Any] = {}
+        segments: dict[tuple[int, int], int] = {}  # (unit, choice) -> first column of a tree choice's tokens
+        if trees or batch.packed:
+            # Each unit sees itself only; a tree's other choices sit before its first choice, at
+            # the positions after the context, and see the context and themselves.
+            allowed = torch.zeros((n_rows, width, width), dtype=torch.bool)
+            for u, s in enumerate(seqs):
+                r, a, n = row[u], at[u], len(s.ids)
+                allowed[r, a : a + n, a : a + n] = torch.ones(n, n, dtype=torch.bool).tril()
+            for u, (prefix, rest) in trees.items():
+                r, q = row[u], at[u] - _tree_width(seqs[u], prefix, rest) + len(seqs[u].ids)
                 for j in rest:
                     n, ids = len(j.ids) - 1 - prefix, j.ids
                     if not n:
                         continue
                     input_ids[r, q : q + n] = torch.tensor(ids[prefix : prefix + n])
-                    kwargs["position_ids"][r, q : q + n] = torch.arange(prefix, prefix + n)
-                    allowed[r, q : q + n, :] = False
-                    allowed[r, q : q + n, ctx_at : ctx_at + prefix] = True
+                    position_ids[r, q : q + n] = torch.arange(prefix, prefix + n)
+                    allowed[r, q : q + n, at[u] : at[u] + prefix] = True
                     allowed[r, q : q + n, q : q + n] = torch.ones(n, n, dtype=torch.bool).tril()
-                    segments[(r, j.choice)] = q
+                    segments[(u, j.choice)] = q
                     q += n
-                # The first choice sees its own sequence only.
-                allowed[r, ctx_at:, : ctx_at] = False
-            real = torch.arange(width) >= width - torch.tensor(lengths)[:, None]
-            allowed &= real[:, None, :]  # nothing sees padding
             kwargs["attention_mask"] = _mask_4d(allowed, self.mask_format)
+        else:
+            kwargs["attention_mask"] = (torch.arange(width) >= width - torch.tensor(fill)[:, None]).long()
+        if self.positions:
+            kwargs["position_ids"] = position_ids
         want_cache = score and batch.cache and self.cache_arg is not None
         if not score:
             self._forward(input_ids, kwargs, None, use_cache=False)
             return None
         req = _Requests()
-        for r, s in enumerate(seqs):
-            req.span((batch.probe, s.example, s.choice), r, range(pads[r] + s.start - 1, width - 1), s.ids[s.start :])
-        for r, (prefix, rest) in trees.items():
+        for u, s in enumerate(seqs):
+            req.span((batch.probe, s.example, s.choice), row[u], range(at[u] + s.start - 1, at[u] + len(s.ids) - 1),
+                     s.ids[s.start :])
+        for u, (prefix, rest) in trees.items():
             for j in rest:
                 # Token k is predicted at the column of token k - 1: the context's last, or the choice's own.
-                cols = [pads[r] + prefix - 1 if k == prefix else segments[(r, j.choice)] + k - 1 - prefix
+                cols = [at[u] + prefix - 1 if k == prefix else segments[(u, j.choice)] + k - 1 - prefix
                         for k in range(j.start, len(j.ids))]
-                req.span((batch.probe, j.example, j.choice), r, cols, j.ids[j.start :])
-        for r, prefix, rest in batch.shared:
-            # Every choice's prediction at the end of the shared context is this row's.
+                req.span((batch.probe, j.example, j.choice), row[u], cols, j.ids[j.start :])
+        for u, prefix, rest in batch.shared:
+            # Every choice's prediction at the end of the shared context is this unit's.
             for j in rest:
                 if j.start == prefix:
-                    req.span((batch.probe, j.example, j.choice), r, range(pads[r] + prefix - 1, pads[r] + prefix),
+                    req.span((batch.probe, j.example, j.choice), row[u], range(at[u] + prefix - 1, at[u] + prefix),
                              j.ids[prefix : prefix + 1], pending=len(j.ids) - 1 > prefix)
         keep = _position_mask(input_ids.shape, req)
         out = self._forward(input_ids, kwargs, keep, use_cache=want_cache)
         self._score(out, keep, req, scores)
         if not want_cache:
             return None
-        return _Head(_output_cache(out, self.cache_arg), width, pads)
+        # A unit continued from the cache is alone in its row: its context starts the row's content.
+        return _Head(_output_cache(out, self.cache_arg), width, [width - f for f in fill])
 
     def continuation(
         self, batch: _Batch, head: _Head | None, scores: _Scores, observer: BatchObserver | None, probe: str
@@ -892,9 +976,10 @@ class _Forwarder:
             # the same number of forwards, with these sequences in full.
             for k in keys.values():
                 scores.settle(k, keep=False)
+            rerun = _Batch(batch.probe, batch.seqs)
             if observer is not None:
-                observer.before_batch(probe, batch.seqs)
-            self.full(_Batch(batch.probe, batch.seqs), scores, score=True)
+                observer.before_batch(probe, rerun.placed())
+            self.full(rerun, scores, score=True)
             return head
         if observer is not None:
             observer.before_batch(None, [])

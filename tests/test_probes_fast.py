@@ -33,6 +33,10 @@ MULTI = [
 ONE_TOKEN = [" the", " model", " green", " fish", " and"]  # one token each after a context (checked below)
 SINGLE = [{"question": c, "choices": ONE_TOKEN[: 2 + i % 4], "label": i % 2} for i, c in enumerate(CONTEXTS)]
 SHORT = [{"context": "the cat", "choices": [" runs.", " sings into the river.", " is"], "answer": 0}]
+# Passages of 3 to 60 words: several of the short ones fit in a row as long as the longest.
+VARIED = [{"text": " ".join(" ".join(corpus(6, seed=i)).split()[:n])} for i, n in enumerate([60, 3, 5, 8, 12, 4, 20, 30, 6, 45, 3])]
+COMPLETION = [{"prompt": " ".join(corpus(1, seed=i)), "completion": " " + " ".join(corpus(1, seed=i + 1)).split()[0]}
+              for i in range(5)]
 
 
 def build(tokenizer, settings=None, **probes) -> ProbeRunner:
@@ -102,8 +106,15 @@ def shared_path(request, monkeypatch) -> str:
     return request.param
 
 
+@pytest.fixture(params=[True, False], ids=["packed", "one-per-row"])
+def packing(request, monkeypatch) -> bool:
+    """Both row layouts of a full forward: several units per row (default with 4D masks) and one."""
+    monkeypatch.setattr(P, "_PACK_ROWS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("kind, batch_size", [("llama", 2), ("llama", 16), ("gpt2", 3)])
-def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batch_size, shared_path):
+def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batch_size, shared_path, packing):
     model = make_model(vocab_size=len(tokenizer), kind=kind)
     r = build(tokenizer, ProbeSettings(batch_size=batch_size), mc=MULTI, one=SINGLE, text=[{"text": c} for c in CONTEXTS])
     plan = r._batches(DistContext())
@@ -124,7 +135,7 @@ def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batc
     for b in plan:
         if not b.packs:
             full = b
-            assert len(b.seqs) <= batch_size
+            assert b.n_rows <= batch_size
             continue
         assert len(b.packs) <= batch_size
         assert max(P._pack_width(pk) for pk in b.packs) <= max(len(s.ids) for s in full.seqs)
@@ -234,6 +245,49 @@ def test_eager_attention_takes_an_additive_packed_mask(tokenizer, shared_path):
     assert_scores_close(r.last_scores, reference(model, r))
 
 
+def packed_runner(tokenizer, batch_size: int) -> ProbeRunner:
+    return build(tokenizer, ProbeSettings(batch_size=batch_size), text=VARIED, short=SHORT, mc=MULTI, done=COMPLETION)
+
+
+@pytest.mark.parametrize("kind, batch_size", [("llama", 2), ("llama", 16), ("gpt2", 3)])
+def test_packed_rows_give_the_unpadded_log_likelihoods(tokenizer, kind, batch_size):
+    model = make_model(vocab_size=len(tokenizer), kind=kind)
+    r = packed_runner(tokenizer, batch_size)
+    plan = r._batches(DistContext())
+    assert any(b.packed for b in plan), "no row holds two units"
+    for b in plan:
+        assert b.n_rows <= batch_size
+        units = [x for x in plan if x.probe == b.probe and not x.packs]
+        assert max(b.row_lengths()) <= max(n for x in units for n in x.unit_lengths())  # no row longer than a unit
+    # Every sequence is scored once, and as an unpadded forward scores it.
+    seen, handle = count_forwards(model)
+    results = r.run(model)
+    handle.remove()
+    assert len(seen) == len(plan)
+    assert_scores_close(r.last_scores, reference(model, r))
+    # Fewer forwards than one unit per row, and the same results.
+    plain = packed_runner(tokenizer, batch_size)
+    assert len(plan) < len(plain._batches(DistContext(), packed=False)) or batch_size == 16
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P, "_PACK_ROWS", False)
+        want = plain.run(model)
+    for name, res in results.items():
+        assert (res.score, res.examples, res.tokens) == (want[name].score, want[name].examples, want[name].tokens)
+        assert res.nll == pytest.approx(want[name].nll, rel=1e-6)
+
+
+def test_pack_rows_first_fit_longest_first():
+    seqs = [P._Seq(tuple(range(n)), 1, i, 0) for i, n in enumerate([10, 7, 6, 4, 3, 3, 2, 1])]
+    rows = P._pack_rows(seqs, lambda s: len(s.ids), solo={4})
+    assert sorted(s.example for row in rows for s in row) == list(range(8))  # each unit once
+    fills = [sum(len(s.ids) for s in row) for row in rows]
+    assert max(fills) == 10 and fills == sorted(fills, reverse=True)
+    assert [s.example for s in next(row for row in rows if any(s.example == 4 for s in row))] == [4]  # alone
+    # First fit: 7 + 3 (example 5; 4 is solo), 6 + 4, and 2 + 1 in a new row.
+    assert sorted(sorted(s.example for s in row) for row in rows) == [[0], [1, 5], [2, 3], [4], [6, 7]]
+    assert P._pack_rows([], len, ()) == []
+
+
 def test_short_contexts_run_whole_sequences(tokenizer, model):
     r = build(tokenizer, mc=SHORT)
     assert P._shared_prefix(r.sequences("mc")) < P._MIN_SHARED_PREFIX
@@ -328,6 +382,24 @@ def test_capture_on_a_shared_multiple_choice_probe_equals_direct_outputs(tokeniz
     for n in mods:
         assert got[n].shape == (50, 32)
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("forward_only", [False, True])
+def test_capture_on_packed_rows_equals_direct_outputs(tokenizer, model, forward_only):
+    """Sampled tokens of sequences that share a row with others (and of trees) are found where they sit."""
+    r = build(tokenizer, ProbeSettings(batch_size=3), text=VARIED, mc=MULTI)
+    assert any(b.packed for b in r._batches(DistContext(), forward_only=forward_only))
+    mods = resolve_modules(model, ["layers.1.mlp.down_proj", "final_norm"])
+    for probe in ("text", "mc"):
+        keys = ActivationCapture.sample_tokens({probe: r.sequences(probe)}, 60, seed=1)
+        cap = ActivationCapture(mods, keys)
+        with cap.hooks():
+            r.run(model, observer=cap, only=[probe], forward_only=forward_only)
+        got = cap.collect(DistContext())
+        want = sampled_activations(model, mods, r.sequences(probe), keys)
+        for n in mods:
+            assert got[n].shape == (60, 32)
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-5)
 
 
 def test_peft_model_continues_from_the_cache_with_and_without_adapters(tokenizer, model, shared_path):

@@ -33,8 +33,9 @@ COMP = [
     {"prompt": "the dog", "completion": " jumps."},
     {"prompt": "seven eight", "completion": " nine ten."},
 ]
-# batch_size 2: rank 0 holds 3 text / 5 multiple-choice / 2 completion sequences (2+3+1 = 6
-# batches), rank 1 holds 2 / 2 / 1 (1+1+1 = 3 batches), so rank 1 runs 3 filler batches.
+# batch_size 2: rank 0 holds 3 text / 5 multiple-choice / 2 completion sequences (2+2+1 = 5
+# batches: two short choices share a row), rank 1 holds 2 / 2 / 1 (1+1+1 = 3 batches), so rank 1
+# runs 2 filler batches.
 PROBE_SETTINGS = {"batch_size": 2, "max_length": 64}
 
 # A budget on the perturbed model (see perturb) that breaches, one that stays within budget and
@@ -94,9 +95,26 @@ def results_json(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def real_sequences(kwargs: dict[str, Any]) -> list[list[int]]:
-    """The unpadded token ids of each row of a forward's batch."""
+    """The unpadded token ids of each sequence of a forward's batch.
+
+    With a 2D padding mask, one per row. With a 4D mask (rows holding several sequences), the
+    tokens of a row grouped by the first key each attends to (its sequence's start); padding
+    sees only itself, and every sequence has at least two tokens.
+    """
+    import torch
+
     ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    if mask.dim() == 2:
+        return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    allowed = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] == 0
+    out = []
+    for row, a in zip(ids, allowed):
+        starts = a.int().argmax(-1).tolist()  # first allowed key of each query
+        groups: dict[int, list[int]] = {}
+        for col, start in enumerate(starts):
+            groups.setdefault(start, []).append(int(row[col]))
+        out += [g for g in groups.values() if len(g) > 1]
+    return out
 
 
 def run_main(main: Any, *args: Any, **kwargs: Any) -> None:
