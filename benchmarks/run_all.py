@@ -143,6 +143,21 @@ def details(name: str, data: dict[str, Any]) -> str:
     return ""
 
 
+def gpu_line(cuda: dict[str, Any]) -> str:
+    """Where the ``(cuda)`` rows were measured: card, date, packages, model, and the GPU check's verdict."""
+    data = next(d for d in cuda.values() if d)
+    m = data["machine"]
+    pk = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v and k != "arena-callbacks")
+    line = (f"the `(cuda)` rows, measured on an {m.get('gpu', 'unknown GPU')} on {m['date'][:10]} ({m['cpu_cores']} CPU "
+            f"cores; {pk}); model: {data.get('model', 'smollm2-135m-instruct')}")
+    check = load("gpu_check")
+    if check:
+        ok = sum(r["ok"] for r in check["checks"] if r.get("limit") is not None)
+        n = sum(1 for r in check["checks"] if r.get("limit") is not None)
+        line += f"; `gpu_check.py` (bf16/CUDA paths of probes, geometry, rewind, Trainer): {ok}/{n} checks passed"
+    return line
+
+
 def report() -> Path:
     found = {n: load(n) for n in SCRIPTS}
     cuda = {n: load(f"{n}_cuda") for n in ("probe_throughput", "overhead")}
@@ -171,7 +186,7 @@ def report() -> Path:
         f"- Machine: {m['cpu']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}, {m['platform']}, "
         f"Python {m['python']}; load average at the start of the first benchmark {m.get('load_average')}",
         "- Packages: " + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v),
-        "- GPU: " + ("see the `(cuda)` rows" if any(cuda.values()) else
+        "- GPU: " + (gpu_line(cuda) if any(cuda.values()) else
                      "none on this machine; `python benchmarks/gpu.py` runs the throughput and overhead benchmarks "
                      "with `--device cuda` on a CUDA machine (not run here)"),
         "- The machine is shared: every ratio is taken between variants timed side by side in one process, "
