@@ -109,7 +109,9 @@ class ProbeSettings(_Frozen):
     """How probes are tokenised and run.
 
     Attributes:
-        batch_size: Sequences per forward pass (per rank).
+        batch_size: Rows per forward pass (per rank). A row holds one sequence, or, where the
+            model takes a 4D attention mask (SDPA, eager), several short ones, never more
+            tokens than the probe's longest sequence.
         max_length: Longest tokenised sequence allowed; longer rows are an error unless
             ``truncate`` is set.
         max_examples: Rows used per probe (a seeded sample when the set is larger);

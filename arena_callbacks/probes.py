@@ -18,6 +18,7 @@ rank runs the same number of forwards so that sharded models never see a rank-0-
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import copy
 import functools
@@ -306,11 +307,11 @@ class BatchObserver(Protocol):
     ``placed`` holds ``(row, end, sequence)``: the sequence's tokens are the ``len(ids)``
     positions of ``row`` ending ``end`` (≤ 0) positions before the row's end (rows are
     right-aligned; a row may hold several sequences, and a tree row holds other choices' tokens
-    before its first choice's sequence). ``probe`` is ``None`` for
-    forwards whose rows the observer should ignore: filler batches, continuation forwards (the
-    later choices of a multiple-choice row whose context is shared carry only the tokens after
-    it; that context ran in full, with the row's first choice, in an earlier forward), and once
-    after the pass, to reset.
+    before its first choice's sequence). ``probe`` is ``None`` for forwards whose rows the
+    observer should ignore: filler batches, continuation forwards (the later choices of a
+    multiple-choice row whose context is shared carry only the tokens after it; that context
+    ran in full, with the row's first choice, in an earlier forward), and once after the pass,
+    to reset.
     """
 
     def before_batch(self, probe: str | None, placed: Sequence[tuple[int, int, _Seq]]) -> None: ...
@@ -455,27 +456,28 @@ def _tree_width(head: _Seq, prefix: int, rest: Sequence[_Seq]) -> int:
 
 
 def _pack_rows(units: Sequence[_Seq], length: Callable[[_Seq], int], solo: Collection[int]) -> list[list[_Seq]]:
-    """Units sorted longest first into rows no longer than the first, first fit; units of
-    examples in ``solo`` get a row of their own. Rows come out fullest first."""
+    """Units sorted longest first into rows no longer than the first (best fit: the open row with
+    the least room that takes it); units of examples in ``solo`` get a row of their own. Rows
+    come out fullest first."""
     if not units:
         return []
     width, shortest = length(units[0]), length(units[-1])
     rows: list[list[_Seq]] = []
     fill: list[int] = []
-    open_: list[int] = []  # rows that may still take the shortest unit
+    rooms: list[tuple[int, int]] = []  # (room left, row) of rows that may take the shortest unit, sorted
     for s in units:
         n = length(s)
-        i = next((i for i in open_ if fill[i] + n <= width), None) if s.example not in solo else None
-        if i is None:
+        k = bisect.bisect_left(rooms, (n, -1)) if s.example not in solo else len(rooms)
+        if k < len(rooms):
+            i = rooms.pop(k)[1]
+        else:
             i = len(rows)
             rows.append([])
             fill.append(0)
-            if s.example not in solo:
-                open_.append(i)
         rows[i].append(s)
         fill[i] += n
-        if fill[i] + shortest > width and i in open_:
-            open_.remove(i)
+        if s.example not in solo and width - fill[i] >= shortest:
+            bisect.insort(rooms, (width - fill[i], i))
     order = sorted(range(len(rows)), key=lambda i: -fill[i])
     return [rows[i] for i in order]
 

@@ -276,16 +276,23 @@ def test_packed_rows_give_the_unpadded_log_likelihoods(tokenizer, kind, batch_si
         assert res.nll == pytest.approx(want[name].nll, rel=1e-6)
 
 
-def test_pack_rows_first_fit_longest_first():
+def test_pack_rows_best_fit_longest_first():
     seqs = [P._Seq(tuple(range(n)), 1, i, 0) for i, n in enumerate([10, 7, 6, 4, 3, 3, 2, 1])]
     rows = P._pack_rows(seqs, lambda s: len(s.ids), solo={4})
     assert sorted(s.example for row in rows for s in row) == list(range(8))  # each unit once
     fills = [sum(len(s.ids) for s in row) for row in rows]
     assert max(fills) == 10 and fills == sorted(fills, reverse=True)
     assert [s.example for s in next(row for row in rows if any(s.example == 4 for s in row))] == [4]  # alone
-    # First fit: 7 + 3 (example 5; 4 is solo), 6 + 4, and 2 + 1 in a new row.
+    # Best fit: 6 + 4, 7 + 3 (example 5; 4 is solo), and 2 + 1 in a new row.
     assert sorted(sorted(s.example for s in row) for row in rows) == [[0], [1, 5], [2, 3], [4], [6, 7]]
     assert P._pack_rows([], len, ()) == []
+    # Many units of random lengths: within 5% of the fewest rows possible, none over the longest.
+    rng = __import__("random").Random(0)
+    many = sorted((P._Seq(tuple(range(rng.randint(10, 256))), 1, i, 0) for i in range(2000)), key=lambda s: -len(s.ids))
+    rows = P._pack_rows(many, lambda s: len(s.ids), ())
+    assert sorted(s.example for row in rows for s in row) == list(range(2000))
+    assert max(sum(len(s.ids) for s in row) for row in rows) <= len(many[0].ids)
+    assert len(rows) <= 1.05 * math.ceil(sum(len(s.ids) for s in many) / len(many[0].ids))
 
 
 def test_short_contexts_run_whole_sequences(tokenizer, model):
