@@ -10,9 +10,11 @@ Three kinds (DESIGN.md §2), told apart by their fields unless named explicitly:
 
 Rows are tokenised once (:meth:`ProbeRunner.prepare`) and planned into length-sorted batches
 once per rank; each pass only runs forwards. A multiple-choice row whose choices share a
-context runs that context once: its first choice in full, the others as continuations of the
-cached keys and values (one-token choices need no forward of their own); the vocabulary
-projection is applied only at scored positions. Examples are split across ranks, and every
+context runs that context once: with all its choices in one tree row where the model takes a
+4D attention mask, else its first choice in full and the others as continuations of the
+cached keys and values (one-token choices need no forward of their own). With a 4D mask,
+short sequences also share rows, each attending to itself. The vocabulary projection is
+applied only at scored positions. Examples are split across ranks, and every
 rank runs the same number of forwards so that sharded models never see a rank-0-only forward.
 """
 
