@@ -83,28 +83,37 @@ SETUPS = {"smollm2": smollm2_setup, "tiny": tiny_setup}
 # --------------------------------------------------------------------------------------
 
 
-def train(setup: dict[str, Any], steps: int, budget: float | None, device: str) -> dict[str, Any]:
+def make_trainer(setup: dict[str, Any], steps: int, out: str, device: str, cadence: dict[str, Any] | None,
+                 callbacks: list[Any] | None = None) -> tuple[Any, Any]:
+    """A quiet Trainer for ``setup`` writing under ``out``, with the monitor when ``cadence`` is
+    given (its ``cadence`` section; probes as in every overhead run); returns (trainer, monitor)."""
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from arena_callbacks import ForgettingMonitor
 
-    model = setup["model"]()
-    tok = setup["tok"]
+    tok, monitor = setup["tok"], None
+    callbacks = list(callbacks or [])
+    if cadence is not None:
+        config = {"cadence": cadence,
+                  "probe": {"batch_size": 16, "max_length": 128, "max_examples": 32, "progress_bar": False},
+                  "logging": {"output_dir": f"{out}/arena", "tensorboard": False}}
+        monitor = ForgettingMonitor(config, probes=setup["probes"], tokenizer=tok)
+        callbacks.append(monitor)
+    args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=setup["lr"],
+                             report_to=[], save_strategy="no", logging_steps=10**6, seed=0, disable_tqdm=True,
+                             use_cpu=device == "cpu")
+    trainer = Trainer(model=setup["model"](), args=args, train_dataset=setup["data"], processing_class=tok,
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # no log lines on stdout (they would time the terminal)
+    return trainer, monitor
+
+
+def train(setup: dict[str, Any], steps: int, budget: float | None, device: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
-        callbacks, monitor = [], None
-        if budget is not None:
-            config = {"cadence": {"overhead_budget": budget, "at_train_end": False},
-                      "probe": {"batch_size": 16, "max_length": 128, "max_examples": 32, "progress_bar": False},
-                      "logging": {"output_dir": f"{out}/arena", "tensorboard": False}}
-            monitor = ForgettingMonitor(config, probes=setup["probes"], tokenizer=tok)
-            callbacks.append(monitor)
-        args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=setup["lr"],
-                                 report_to=[], save_strategy="no", logging_steps=10**6, seed=0, disable_tqdm=True,
-                                 use_cpu=device == "cpu")
-        trainer = Trainer(model=model, args=args, train_dataset=setup["data"], processing_class=tok,
-                          data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=callbacks)
-        trainer.remove_callback(PrinterCallback)  # no log lines on stdout (they would time the terminal)
+        cadence = None if budget is None else {"overhead_budget": budget, "at_train_end": False}
+        trainer, monitor = make_trainer(setup, steps, out, device, cadence)
+        model = trainer.model
         t, c = time.perf_counter(), time.process_time()
         trainer.train()
         seconds, cpu = time.perf_counter() - t, time.process_time() - c

@@ -23,18 +23,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import set_threads  # noqa: E402
 
-VARIANTS: dict[str, dict[str, Any] | None] = {
+VARIANTS: dict[str, dict[str, Any] | None] = {  # the monitor's cadence section, None: no monitor
     "plain": None,
-    "budget": {"cadence": {"overhead_budget": 0.03, "at_train_end": False}},
-    "baseline_only": {"cadence": {"every_n_steps": 10**6, "at_train_end": False}},
+    "budget": {"overhead_budget": 0.03, "at_train_end": False},
+    "baseline_only": {"every_n_steps": 10**6, "at_train_end": False},
 }
 
 
-def run(setup: dict[str, Any], cfg: dict[str, Any] | None, steps: int, device: str) -> dict[str, Any]:
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
+def run(setup: dict[str, Any], cadence: dict[str, Any] | None, steps: int, device: str) -> dict[str, Any]:
+    from transformers import TrainerCallback
 
-    from arena_callbacks import ForgettingMonitor
+    from overhead import make_trainer
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -47,20 +46,9 @@ def run(setup: dict[str, Any], cfg: dict[str, Any] | None, steps: int, device: s
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.end.append(time.perf_counter())
 
-    timer, monitor, tok = StepTimer(), None, setup["tok"]
-    callbacks: list[Any] = [timer]
+    timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
-        if cfg is not None:
-            cfg = {**cfg, "probe": {"batch_size": 16, "max_length": 128, "max_examples": 32, "progress_bar": False},
-                   "logging": {"output_dir": f"{out}/arena", "tensorboard": False}}
-            monitor = ForgettingMonitor(cfg, probes=setup["probes"], tokenizer=tok)
-            callbacks.append(monitor)
-        args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=8, learning_rate=setup["lr"],
-                                 report_to=[], save_strategy="no", logging_steps=10**6, seed=0, disable_tqdm=True,
-                                 use_cpu=device == "cpu")
-        trainer = Trainer(model=setup["model"](), args=args, train_dataset=setup["data"], processing_class=tok,
-                          data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=callbacks)
-        trainer.remove_callback(PrinterCallback)
+        trainer, monitor = make_trainer(setup, steps, out, device, cadence, callbacks=[timer])  # timer first
         t = time.perf_counter()
         trainer.train()
         total = time.perf_counter() - t
