@@ -142,13 +142,14 @@ class ActivationCapture:
     def sample_tokens(
         seqs_by_probe: dict[str, Sequence[Any]], n_tokens: int, seed: int
     ) -> list[tuple[str, int, int, int]]:
-        """A seeded sample of real token positions; multiple-choice rows use their first choice."""
+        """A seeded sample of the token positions a probe pass feeds (every token of a sequence
+        but its last, which is only a target); multiple-choice rows use their first choice."""
         pool = [
             (probe, s.example, s.choice, t)
             for probe, seqs in seqs_by_probe.items()
             for s in seqs
             if s.choice == 0
-            for t in range(len(s.ids))
+            for t in range(len(s.ids) - 1)
         ]
         if len(pool) > n_tokens:
             pool = random.Random(seed).sample(pool, n_tokens)
@@ -159,8 +160,7 @@ class ActivationCapture:
         if probe is None or not placed:
             self._sel = None
             return
-        # Rows are right-aligned: positions are counted from the row's end, where each
-        # sequence ends `end` (<= 0) before.
+        # Rows are right-aligned: positions counted from the row's end (see BatchObserver).
         rows, pos, ids = [], [], []
         for r, end, s in placed:
             for t in range(len(s.ids)):

@@ -306,10 +306,11 @@ _PACK_ROWS = True
 class BatchObserver(Protocol):
     """Told, before each probe forward, which probe and sequences it carries, and where.
 
-    ``placed`` holds ``(row, end, sequence)``: the sequence's tokens are the ``len(ids)``
-    positions of ``row`` ending ``end`` (≤ 0) positions before the row's end (rows are
-    right-aligned; a row may hold several sequences, and a tree row holds other choices' tokens
-    before its first choice's sequence). ``probe`` is ``None`` for forwards whose rows the
+    ``placed`` holds ``(row, end, sequence)``: token ``t`` of the sequence sits at position
+    ``end + t - len(ids)`` of ``row``, counted from the row's end (negative). Every token but the
+    last is fed (the last is only a target, so ``end`` ≤ 1); rows are right-aligned, a row may
+    hold several sequences, and a tree row holds other choices' tokens before its first
+    choice's sequence. ``probe`` is ``None`` for forwards whose rows the
     observer should ignore: filler batches, continuation forwards (the later choices of a
     multiple-choice row whose context is shared carry only the tokens after it; that context
     ran in full, with the row's first choice, in an earlier forward), and once after the pass,
@@ -417,8 +418,9 @@ class _Batch:
         return self.rows[-1] + 1 if self.rows else len(self.seqs)
 
     def unit_lengths(self) -> list[int]:
-        """Tokens of each unit (a tree's other choices included)."""
-        return [_tree_width(s, *self.trees[u]) if u in self.trees else len(s.ids) for u, s in enumerate(self.seqs)]
+        """Tokens each unit feeds: its sequence but the last token, which is only a target (and,
+        for a tree, the other choices' tokens)."""
+        return [(_tree_width(s, *self.trees[u]) if u in self.trees else len(s.ids)) - 1 for u, s in enumerate(self.seqs)]
 
     def row_lengths(self) -> list[int]:
         """Tokens in each row of a full forward."""
@@ -428,13 +430,12 @@ class _Batch:
         return fill
 
     def placed(self) -> list[tuple[int, int, _Seq]]:
-        """``(row, end, sequence)`` per unit: ``end`` (≤ 0) is where the sequence ends, counted
-        from the row's end (a tree's first choice ends its unit)."""
+        """``(row, end, sequence)`` per unit (see :class:`BatchObserver`)."""
         after = [0] * self.n_rows  # tokens of the units after this one in its row
         out: list[tuple[int, int, _Seq]] = []
         for u, n in reversed(list(enumerate(self.unit_lengths()))):
             r = self.row_of(u)
-            out.append((r, -after[r], self.seqs[u]))
+            out.append((r, 1 - after[r], self.seqs[u]))  # its unfed last token would sit one further
             after[r] += n
         return out[::-1]
 
@@ -613,8 +614,8 @@ class ProbeRunner:
                         rest_of[ex] = (prefix, tuple(rest))
                 else:
                     full.extend(group)
-            def unit_length(s: _Seq) -> int:
-                return _tree_width(s, *tree_of[s.example]) if s.example in tree_of else len(s.ids)
+            def unit_length(s: _Seq) -> int:  # tokens fed (the last is only a target), as _Batch.unit_lengths
+                return (_tree_width(s, *tree_of[s.example]) if s.example in tree_of else len(s.ids)) - 1
 
             full.sort(key=lambda s: (-unit_length(s), s.example, s.choice))  # batch by length
             rows = _pack_rows(full, unit_length, rest_of) if packed else [[s] for s in full]
@@ -906,14 +907,15 @@ class _Forwarder:
         fill = batch.row_lengths()
         width, n_rows = max(fill), len(fill)
         placed = batch.placed()
-        # Each unit's sequence ends `end` before its row's end; a tree's other choices precede it.
+        # Each unit feeds its sequence but the last token (only a target) at the end of its
+        # place in the row; a tree's other choices precede the first choice's sequence.
         at = [width + end - len(s.ids) for _, end, s in placed]  # first column of each sequence
         row = [r for r, _, _ in placed]
         input_ids = torch.full((n_rows, width), self.pad_id, dtype=torch.long)
         position_ids = torch.zeros((n_rows, width), dtype=torch.long)
         for u, s in enumerate(seqs):
-            input_ids[row[u], at[u] : at[u] + len(s.ids)] = torch.tensor(s.ids)
-            position_ids[row[u], at[u] : at[u] + len(s.ids)] = torch.arange(len(s.ids))
+            input_ids[row[u], at[u] : at[u] + len(s.ids) - 1] = torch.tensor(s.ids[:-1])
+            position_ids[row[u], at[u] : at[u] + len(s.ids) - 1] = torch.arange(len(s.ids) - 1)
         kwargs: dict[str, Any] = {}
         segments: dict[tuple[int, int], int] = {}  # (unit, choice) -> first column of a tree choice's tokens
         if trees or batch.packed:
@@ -921,7 +923,7 @@ class _Forwarder:
             # the positions after the context, and see the context and themselves.
             allowed = torch.zeros((n_rows, width, width), dtype=torch.bool)
             for u, s in enumerate(seqs):
-                r, a, n = row[u], at[u], len(s.ids)
+                r, a, n = row[u], at[u], len(s.ids) - 1
                 allowed[r, a : a + n, a : a + n] = torch.ones(n, n, dtype=torch.bool).tril()
             for u, (prefix, rest) in trees.items():
                 r, q = row[u], at[u] - _tree_width(seqs[u], prefix, rest) + len(seqs[u].ids)

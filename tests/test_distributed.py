@@ -150,9 +150,10 @@ def test_both_ranks_ran_in_one_process_group_of_two(probe_ranks):
 
 def test_probe_rows_are_split_across_ranks_with_filler_batches(probe_ranks, single_process):
     runner = single_process["runner"]
-    # Which sequences each rank should carry: rows i with i % 2 == rank, every choice of a row together.
+    # Which sequences each rank should carry: rows i with i % 2 == rank, every choice of a row
+    # together, each fed but its last token (only a target).
     want = [
-        sorted(list(s.ids) for seqs in runner._seqs.values() for s in seqs if s.example % 2 == r) for r in range(2)
+        sorted(list(s.ids[:-1]) for seqs in runner._seqs.values() for s in seqs if s.example % 2 == r) for r in range(2)
     ]
     plan = [len(runner._batches(DistContext(rank=r, world_size=2))) for r in range(2)]
     assert plan == [5, 3], "the probe data no longer gives an uneven split; fix dist_common"
@@ -334,7 +335,7 @@ def test_ddp_baseline_equals_single_process_probes_on_the_same_weights(ddp_run):
     r1 = ddp_run[1][1]
     assert r0["probe_forwards"] == r1["probe_forwards"] > 0
     want_rows = [
-        {tuple(s.ids) for seqs in runner._seqs.values() for s in seqs if s.example % 2 == r} for r in range(2)
+        {tuple(s.ids[:-1]) for seqs in runner._seqs.values() for s in seqs if s.example % 2 == r} for r in range(2)
     ]
     assert {tuple(x) for x in r0["probe_rows"]} == want_rows[0]
     assert {tuple(x) for x in r1["probe_rows"]} == want_rows[1]

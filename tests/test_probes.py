@@ -91,10 +91,13 @@ def test_exact_match_is_one_when_the_model_predicts_the_answer(tokenizer):
             self.w = torch.nn.Parameter(torch.zeros(1))
 
         def forward(self, input_ids, attention_mask=None, use_cache=None, position_ids=None):
+            # The gold token after each position (the pass never feeds the last token: it is only a target).
             logits = torch.zeros(*input_ids.shape, len(tokenizer))
             for b in range(input_ids.shape[0]):
-                for t in range(input_ids.shape[1] - 1):
-                    logits[b, t, input_ids[b, t + 1]] = 50.0
+                for t in range(input_ids.shape[1]):
+                    p = int(position_ids[b, t])
+                    if p + 1 < len(ids):
+                        logits[b, t, ids[p + 1]] = 50.0
             return {"logits": logits}
 
     got = runner(tokenizer, target=[COMP[0]]).run(Oracle())["target"]

@@ -169,7 +169,7 @@ def test_one_token_choices_run_one_forward_per_batch_of_questions(tokenizer, mod
     handle.remove()
     assert len(seen) == math.ceil(len(SINGLE) / 3)  # no continuation forwards at all
     lengths = sorted(n for batch in seen for n in batch)
-    assert lengths == sorted(len(s.ids) for s in r.sequences("one") if s.choice == 0)
+    assert lengths == sorted(len(s.ids) - 1 for s in r.sequences("one") if s.choice == 0)  # the last is only a target
     assert_scores_close(r.last_scores, reference(model, r))
 
 
@@ -194,7 +194,7 @@ def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer
     r, seen, seqs, prefix = run_multi_counting(tokenizer, model)
     first, conts = seen[0], seen[1:]
     assert len(conts) == 1  # 7 rows, one batch: one continuation forward
-    assert sorted(first) == sorted(len(s.ids) for s in seqs if s.choice == 0)
+    assert sorted(first) == sorted(len(s.ids) - 1 for s in seqs if s.choice == 0)
     # Later choices: the cached context (prefix positions) plus their own tokens but the last;
     # packed, one row per context holds all of them.
     rest = {i: [len(s.ids) - 1 - prefix[i] for s in seqs if s.example == i and s.choice > 0] for i in prefix}
@@ -210,7 +210,7 @@ def test_tree_rows_run_context_and_choices_in_one_forward(tokenizer, model):
     r, seen, seqs, prefix = run_multi_counting(tokenizer, model)
     assert len(seen) == 1  # 7 rows, one batch, no continuation forward
     # Each row: the first choice in full, and every other choice's tokens after the context but its last.
-    want = [len(s.ids) + sum(len(j.ids) - 1 - prefix[s.example] for j in seqs if j.example == s.example and j.choice)
+    want = [len(s.ids) - 1 + sum(len(j.ids) - 1 - prefix[s.example] for j in seqs if j.example == s.example and j.choice)
             for s in seqs if s.choice == 0]
     assert sorted(seen[0]) == sorted(want)
     assert_scores_close(r.last_scores, reference(model, r))
@@ -301,7 +301,7 @@ def test_short_contexts_run_whole_sequences(tokenizer, model):
     seen, handle = count_forwards(model)
     r.run(model)
     handle.remove()
-    assert sorted(n for batch in seen for n in batch) == sorted(len(s.ids) for s in r.sequences("mc"))
+    assert sorted(n for batch in seen for n in batch) == sorted(len(s.ids) - 1 for s in r.sequences("mc"))
     assert_scores_close(r.last_scores, reference(model, r))
 
 

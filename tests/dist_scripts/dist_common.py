@@ -99,7 +99,7 @@ def real_sequences(kwargs: dict[str, Any]) -> list[list[int]]:
 
     With a 2D padding mask, one per row. With a 4D mask (rows holding several sequences), the
     tokens of a row grouped by the first key each attends to (its sequence's start); padding
-    sees only itself, and every sequence has at least two tokens.
+    sees only itself, and every sequence here feeds at least two tokens.
     """
     import torch
 
