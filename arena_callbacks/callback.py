@@ -38,7 +38,6 @@ from .rewind import (
     load_state_file,
     path_rules,
     save_state_file,
-    state_bytes,
 )
 from .sp import SPPoint, operating_point, sp_metrics, trajectory
 from .tensorboard import ScalarWriter, resolve_tensorboard_dir
@@ -501,9 +500,7 @@ class ForgettingMonitor(TrainerCallback):
                                  f"state {path.name}, which the checkpoint does not hold (was the mode changed?)")
             self._theta0.restore(path, int(data.get("theta0_step") or 0))
         if self.geometry is not None and (ckpt / "arena_geometry_reference.safetensors").is_file():
-            cache = load_state_file(ckpt / "arena_geometry_reference.safetensors")
-            self.geometry.cache = cache
-            self.geometry.cache_mb = state_bytes(cache) / 2**20
+            self.geometry.restore_cache(load_state_file(ckpt / "arena_geometry_reference.safetensors"))
         if self.config.spectra.enabled and (ckpt / "arena_spectra_reference.safetensors").is_file():
             self._spectra_reference = load_state_file(ckpt / "arena_spectra_reference.safetensors")
         self.resumed_from = ckpt

@@ -310,8 +310,6 @@ class GeometryTracker:
         return metrics
 
     def _store_cache(self, current: dict[str, torch.Tensor]) -> None:
-        from .geometry import reference_stats
-
         dtype = _CACHE_DTYPES[self.config.cache_dtype]
         size = sum(x.numel() for x in current.values()) * torch.finfo(dtype).bits / 8 / 2**20
         if size > self.config.max_cache_mb:
@@ -320,7 +318,13 @@ class GeometryTracker:
                 f"({len(current)} modules × {self.capture.n_tokens if self.capture else 0} tokens) but the cap is "
                 f"{self.config.max_cache_mb} MB; lower geometry.tokens_per_module, track fewer modules, or raise the cap"
             )
-        self.cache = {n: x.to(dtype) for n, x in current.items()}
+        self.restore_cache({n: x.to(dtype) for n, x in current.items()})
+
+    def restore_cache(self, cache: dict[str, torch.Tensor]) -> None:
+        """Take ``cache`` as the baseline activations (a fresh one, or one a checkpoint kept)."""
+        from .geometry import reference_stats
+
+        self.cache = cache
         # The cache's own products, formed once for every step (from the values measure() reads).
-        self.cache_stats = {n: reference_stats(x.float()) for n, x in self.cache.items()}
-        self.cache_mb = size
+        self.cache_stats = {n: reference_stats(x.float()) for n, x in cache.items()}
+        self.cache_mb = sum(x.numel() * x.element_size() for x in cache.values()) / 2**20

@@ -187,8 +187,11 @@ def strip(snaps):
     return [(s.step, s.trigger, {k: v for k, v in s.metrics.items() if k != "probe/seconds"}) for s in snaps]
 
 
-def test_resume_gives_the_same_history_as_an_uninterrupted_run(tokenizer, tmp_path):
+@pytest.mark.parametrize("geometry", [False, True], ids=["probes", "with-geometry"])
+def test_resume_gives_the_same_history_as_an_uninterrupted_run(tokenizer, tmp_path, geometry):
     cfg = config({"mode": "checkpoint"}, budget={"key": "delta_nll/general", "max_rise": 50.0, "action": "rewind"})
+    if geometry:  # the baseline activation cache travels in the checkpoint
+        cfg["geometry"] = {"enabled": True, "reference": "cache", "tokens_per_module": 64}
     full = ForgettingMonitor(cfg, probes={"general": GENERAL}, target=TARGET)
     make_trainer(tokenizer, tmp_path / "a", full, max_steps=8, lr=1e-2, save_strategy="steps", save_steps=4).train()
 
@@ -212,6 +215,13 @@ def test_resume_gives_the_same_history_as_an_uninterrupted_run(tokenizer, tmp_pa
     assert strip(read_history(tmp_path / "b" / "arena")) == b  # the file was rewritten, not appended to
     assert resumed._best.step == full._best.step
     assert all(torch.equal(resumed._best.get()[k], full._best.get()[k]) for k in full._best.get())
+    if geometry:
+        assert any(k.startswith("geometry/procrustes/") for k in b[-1][2])
+        g, h = resumed.geometry, full.geometry
+        assert set(g.cache) == set(h.cache) and all(torch.equal(g.cache[n], h.cache[n]) for n in h.cache)
+        assert g.cache_mb == h.cache_mb and set(g.cache_stats) == set(h.cache_stats)  # stats formed on restore
+        for n in h.cache_stats:
+            assert g.cache_stats[n].sum_sq == h.cache_stats[n].sum_sq and g.cache_stats[n].cka_norm == h.cache_stats[n].cka_norm
 
 
 def test_resume_refuses_other_probes(tokenizer, tmp_path):
