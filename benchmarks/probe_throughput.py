@@ -16,7 +16,7 @@ log-likelihood within 1e-4, accuracy equal); times are medians of interleaved re
 The tokenisation is outside ProbeRunner's timed pass (it is done once per training run) and
 inside lm-eval's (it re-tokenises at each call).
 
-    python benchmarks/probe_throughput.py                 # 128 rows each, 3 repetitions
+    python benchmarks/probe_throughput.py                 # 128 rows each, 7/3/5 repetitions
     python benchmarks/probe_throughput.py --rows 32 --repeats 1 --workloads mc_single
     python benchmarks/probe_throughput.py --device cuda   # the GPU variant
 """
@@ -36,6 +36,8 @@ from _common import interleaved, machine, model_label, paired_ratio, set_threads
 
 TARGETS = {"mc_single": 1.3, "mc_multi": 2.0, "text": 2.0}  # lm-eval time / ProbeRunner time
 TOLERANCE = 1e-4
+# Timed repetitions per workload: more where a pass is short and the machine's drift weighs most.
+REPEATS = {"mc_single": 7, "mc_multi": 3, "text": 5}
 MODEL = "smollm2-135m-instruct"
 
 
@@ -157,7 +159,8 @@ def run_workload(name: str, rows: list[dict[str, Any]], model: Any, tok: Any, lm
             return call(requests)
 
     warmup = {"probe_runner": lambda: small.run(model), "lm_eval_hflm": lambda: call(small_requests)}
-    timed = interleaved({"probe_runner": ours, "lm_eval_hflm": theirs}, args.repeats, args.device, warmup=warmup)
+    repeats = args.repeats or REPEATS[name]
+    timed = interleaved({"probe_runner": ours, "lm_eval_hflm": theirs}, repeats, args.device, warmup=warmup)
     result, lm_out = timed["probe_runner"]["last"], timed["lm_eval_hflm"]["last"]
 
     # Scores: per sequence (lm-eval's in request order), and the aggregate accuracy.
@@ -189,6 +192,7 @@ def run_workload(name: str, rows: list[dict[str, Any]], model: Any, tok: Any, lm
     tokens = sum(len(s.ids) for s in seqs)
     return {
         "workload": name,
+        "repeats": repeats,
         "rows": len(rows),
         "sequences": len(seqs),
         "tokens": tokens,
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=128, help="rows per workload")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions of each variant (after a warm-up)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed repetitions of each variant after a warm-up (default: mc_single 7, mc_multi 3, text 5)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (0: leave as is)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--workloads", default="mc_single,mc_multi,text")
