@@ -323,8 +323,9 @@ class GeometryTracker:
     def restore_cache(self, cache: dict[str, torch.Tensor]) -> None:
         """Take ``cache`` as the baseline activations (a fresh one, or one a checkpoint kept)."""
         from .geometry import reference_stats
+        from .rewind import state_bytes
 
         self.cache = cache
         # The cache's own products, formed once for every step (from the values measure() reads).
         self.cache_stats = {n: reference_stats(x.float()) for n, x in cache.items()}
-        self.cache_mb = sum(x.numel() * x.element_size() for x in cache.values()) / 2**20
+        self.cache_mb = state_bytes(cache) / 2**20

@@ -418,9 +418,8 @@ class _Batch:
         return self.rows[-1] + 1 if self.rows else len(self.seqs)
 
     def unit_lengths(self) -> list[int]:
-        """Tokens each unit feeds: its sequence but the last token, which is only a target (and,
-        for a tree, the other choices' tokens)."""
-        return [(_tree_width(s, *self.trees[u]) if u in self.trees else len(s.ids)) - 1 for u, s in enumerate(self.seqs)]
+        """Tokens each unit feeds (see :func:`_fed_length`)."""
+        return [_fed_length(s, self.trees.get(u)) for u, s in enumerate(self.seqs)]
 
     def row_lengths(self) -> list[int]:
         """Tokens in each row of a full forward."""
@@ -456,6 +455,12 @@ def _shared_prefix(group: Sequence[_Seq]) -> int:
 def _tree_width(head: _Seq, prefix: int, rest: Sequence[_Seq]) -> int:
     """Length of a tree row: the first choice in full, then each other choice's tokens after the context but its last."""
     return len(head.ids) + sum(len(j.ids) - 1 - prefix for j in rest)
+
+
+def _fed_length(s: _Seq, tree: tuple[int, tuple[_Seq, ...]] | None) -> int:
+    """Tokens a unit feeds: its sequence but the last token, which is only a target (and, for a
+    tree, ``(prefix, other choices)``, the other choices' tokens)."""
+    return (_tree_width(s, *tree) if tree is not None else len(s.ids)) - 1
 
 
 def _pack_rows(units: Sequence[_Seq], length: Callable[[_Seq], int], solo: Collection[int]) -> list[list[_Seq]]:
@@ -614,8 +619,8 @@ class ProbeRunner:
                         rest_of[ex] = (prefix, tuple(rest))
                 else:
                     full.extend(group)
-            def unit_length(s: _Seq) -> int:  # tokens fed (the last is only a target), as _Batch.unit_lengths
-                return (_tree_width(s, *tree_of[s.example]) if s.example in tree_of else len(s.ids)) - 1
+            def unit_length(s: _Seq) -> int:
+                return _fed_length(s, tree_of.get(s.example))
 
             full.sort(key=lambda s: (-unit_length(s), s.example, s.choice))  # batch by length
             rows = _pack_rows(full, unit_length, rest_of) if packed else [[s] for s in full]
