@@ -15,25 +15,11 @@ This script measures, for one workload (default ``text``):
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, model_label, sync  # noqa: E402
-
-
-def timed(fn, device: str, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from _common import RESULTS, interleaved, model_label, sync  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +40,6 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     import probe_throughput as pt
-    from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
     from arena_callbacks.distributed import DistContext
     from arena_callbacks.models import load_model_and_tokenizer
 
@@ -63,31 +48,28 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model_and_tokenizer(args.model, progress=False)
     model = model.to(dev).eval()
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, device=dev)
-    rows = {"text": pt.text_rows, "mc_single": pt.mc_single_rows, "mc_multi": pt.mc_multi_rows}[args.workload](args.rows, 0)
-    kind = "text" if args.workload == "text" else "multiple_choice"
-    probe_rows = rows
-    if kind == "text":
-        bos = tok.convert_ids_to_tokens(lm.prefix_token_id)
-        probe_rows = [{"text": bos + r["text"]} for r in rows]
-    settings = ProbeSettings(batch_size=args.batch_size, max_length=512, max_examples=None, progress_bar=False)
-    runner = ProbeRunner({args.workload: ProbeSet.build(args.workload, probe_rows, settings)}, settings)
-    runner.prepare(tok)
+    rows = pt.BUILDERS[args.workload](args.rows, 0)
+    runner = pt.probe_runner(args.workload, rows, tok, lm, args.batch_size)
     plan = runner._batches(DistContext())
     widest = max(plan, key=lambda b: b.n_rows * max(b.row_lengths()))
     shape = (widest.n_rows, max(widest.row_lengths()))
-    requests = pt.lm_eval_requests(kind, rows)
-    call = (lambda: lm.loglikelihood_rolling(requests, disable_tqdm=True)) if kind == "text" else \
-        (lambda: lm.loglikelihood(requests, disable_tqdm=True))
+    requests = pt.lm_eval_requests(pt.kind_of(args.workload), rows)
+
+    def call() -> None:
+        pt.lm_eval_call(lm, args.workload, requests)
+
     ids = torch.randint(0, tok.vocab_size, shape, device=dev)
     mask = torch.ones(shape, dtype=torch.long, device=dev)
     lines = [f"model: {model_label(args.model)}; device: {torch.cuda.get_device_name(0) if dev == 'cuda' else dev}; "
              f"workload {args.workload}, {len(rows)} rows, batch {args.batch_size}; ProbeRunner plan: {len(plan)} forwards"]
     with torch.no_grad():
-        full = timed(lambda: model(input_ids=ids, attention_mask=mask), dev, args.reps * 4)
-        last = timed(lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1), dev, args.reps * 4)
+        bare = interleaved({"all": lambda: model(input_ids=ids, attention_mask=mask),
+                            "last": lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1)},
+                           args.reps * 4, dev)
+    full, last = bare["all"]["median_s"], bare["last"]["median_s"]
     lines.append(f"bare forward at {shape}: all logits {full * 1e3:.1f} ms, logits_to_keep=1 {last * 1e3:.1f} ms")
-    ours = timed(lambda: runner.run(model), dev, args.reps)
-    theirs = timed(call, dev, args.reps)
+    passes = interleaved({"ours": lambda: runner.run(model), "theirs": call}, args.reps, dev)
+    ours, theirs = passes["ours"]["median_s"], passes["theirs"]["median_s"]
     lines.append(f"ProbeRunner pass {ours * 1e3:.0f} ms ({ours / len(plan) * 1e3:.1f} ms per forward); "
                  f"lm-eval {theirs * 1e3:.0f} ms; ratio {theirs / ours:.2f}x")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])

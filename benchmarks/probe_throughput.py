@@ -118,23 +118,40 @@ def lm_eval_requests(kind: str, rows: list[dict[str, Any]]) -> list[Any]:
     ]
 
 
-def run_workload(name: str, rows: list[dict[str, Any]], model: Any, tok: Any, lm: Any, args: argparse.Namespace) -> dict:
+BUILDERS = {"mc_single": mc_single_rows, "mc_multi": mc_multi_rows, "text": text_rows}
+
+
+def kind_of(name: str) -> str:
+    return "text" if name == "text" else "multiple_choice"
+
+
+def probe_runner(name: str, rows: list[dict[str, Any]], tok: Any, lm: Any, batch_size: int) -> Any:
+    """A prepared ProbeRunner over ``rows``, scoring what lm-eval scores on them."""
     from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 
-    kind = "text" if name == "text" else "multiple_choice"
-    settings = ProbeSettings(batch_size=args.batch_size, max_length=512, max_examples=None, progress_bar=False)
-    probe_rows = rows
-    if kind == "text":
+    settings = ProbeSettings(batch_size=batch_size, max_length=512, max_examples=None, progress_bar=False)
+    if kind_of(name) == "text":
         # Our text probe scores every token after the first; lm-eval's rolling log-likelihood
         # scores every token after its prefix token (BOS): give ours that token first.
         bos = tok.convert_ids_to_tokens(lm.prefix_token_id)
-        probe_rows = [{"text": bos + r["text"]} for r in rows]
-    runner = ProbeRunner({name: ProbeSet.build(name, probe_rows, settings)}, settings)
+        rows = [{"text": bos + r["text"]} for r in rows]
+    runner = ProbeRunner({name: ProbeSet.build(name, rows, settings)}, settings)
     runner.prepare(tok)
+    return runner
+
+
+def lm_eval_call(lm: Any, name: str, requests: list[Any]) -> Any:
+    if kind_of(name) == "text":
+        return lm.loglikelihood_rolling(requests, disable_tqdm=True)
+    return lm.loglikelihood(requests, disable_tqdm=True)
+
+
+def run_workload(name: str, rows: list[dict[str, Any]], model: Any, tok: Any, lm: Any, args: argparse.Namespace) -> dict:
+    kind = kind_of(name)
+    runner = probe_runner(name, rows, tok, lm, args.batch_size)
     seqs = runner.sequences(name)
     # Warm-ups: the first 16 rows through the same code paths.
-    small = ProbeRunner({name: ProbeSet.build(name, probe_rows[:16], settings)}, settings)
-    small.prepare(tok)
+    small = probe_runner(name, rows[:16], tok, lm, args.batch_size)
     small_requests = lm_eval_requests(kind, rows[:16])
     if kind == "text":
         want = [[lm.prefix_token_id] + lm.tok_encode(r["text"]) for r in rows]
@@ -149,16 +166,11 @@ def run_workload(name: str, rows: list[dict[str, Any]], model: Any, tok: Any, lm
         with counter.count("probe_runner"):
             return runner.run(model)[name]
 
-    def call(requests: list[Any]) -> Any:
-        if kind == "text":
-            return lm.loglikelihood_rolling(requests, disable_tqdm=True)
-        return lm.loglikelihood(requests, disable_tqdm=True)
-
     def theirs() -> Any:
         with counter.count("lm_eval_hflm"):
-            return call(requests)
+            return lm_eval_call(lm, name, requests)
 
-    warmup = {"probe_runner": lambda: small.run(model), "lm_eval_hflm": lambda: call(small_requests)}
+    warmup = {"probe_runner": lambda: small.run(model), "lm_eval_hflm": lambda: lm_eval_call(lm, name, small_requests)}
     repeats = args.repeats or REPEATS[name]
     timed = interleaved({"probe_runner": ours, "lm_eval_hflm": theirs}, repeats, args.device, warmup=warmup)
     result, lm_out = timed["probe_runner"]["last"], timed["lm_eval_hflm"]["last"]
@@ -301,10 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model_and_tokenizer(args.model, progress=False)
     model = model.to(args.device).eval()
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size, device=args.device)
-    builders = {"mc_single": mc_single_rows, "mc_multi": mc_multi_rows, "text": text_rows}
     results = []
     for name in args.workloads.split(","):
-        rows = builders[name](args.rows, args.seed)
+        rows = BUILDERS[name](args.rows, args.seed)
         r = run_workload(name, rows, model, tok, lm, args)
         results.append(r)
         print(f"{name:<10} ProbeRunner {r['probe_runner_s']:7.2f} s   lm-eval {r['lm_eval_hflm_s']:7.2f} s   "
