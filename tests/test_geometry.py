@@ -11,7 +11,15 @@ import torch
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ortho_group
 
-from arena_callbacks.geometry import METRICS, ReferenceStats, _nuclear_norm, aggregate, geometry_metrics, reference_stats
+from arena_callbacks.geometry import (
+    METRICS,
+    ReferenceStats,
+    _nuclear_norm,
+    _self_product_norm,
+    aggregate,
+    geometry_metrics,
+    reference_stats,
+)
 
 # n < d and n > d: each metric takes a different (n × n or d × d) route in the two.
 SHAPES = [(40, 64), (200, 16)]
@@ -70,6 +78,40 @@ def test_every_metric_matches_reference(n: int, d: int, stats: bool) -> None:
     for key in METRICS:
         assert got[key] == pytest.approx(want[key], rel=1e-9), key
     assert all(0.01 < got[k] < 1 for k in METRICS)  # a real drift, not a degenerate case
+
+
+@pytest.mark.parametrize(("n", "d"), [(600, 400), (300, 700)])
+def test_wide_modules_match_reference(n: int, d: int) -> None:
+    # Widths of a few hundred: the self-products come from column blocks (see the next test).
+    x0, x1 = pair(n, d, seed=2)
+    want = reference(x0, x1)
+    for stats in (False, True):
+        got = metrics(x0, x1, stats=stats)
+        for key in METRICS:
+            assert got[key] == pytest.approx(want[key], rel=1e-9), (stats, key)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(50, 20), (1000, 300), (500, 576), (700, 1000), (3, 2000)])
+def test_self_product_norm_from_blocks(rows: int, cols: int) -> None:
+    # ‖XᵀX‖_F from the upper block triangle (1, 2, 3 or 5 column blocks) against the full product.
+    x = np.random.default_rng(rows).standard_normal((rows, cols)) + 0.3
+    want = np.linalg.norm(x.T @ x)
+    assert _self_product_norm(torch.from_numpy(x)).item() == pytest.approx(want, rel=1e-12)
+
+
+def test_cosine_of_rows_that_barely_moved() -> None:
+    # Every row turned by 1e-6 rad in a plane it lies in: 1 − cos = 2 sin²(θ/2) ≈ 5e-13 exactly,
+    # which 1 − x0·x1/(‖x0‖‖x1‖) would get only to ~1e-4 (two numbers near 1 cancelling).
+    theta = 1e-6
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(64), rng.standard_normal(64)
+    a /= np.linalg.norm(a)
+    b -= (b @ a) * a
+    b /= np.linalg.norm(b)
+    scale = rng.uniform(0.5, 2.0, size=(40, 1))
+    x0 = scale * a
+    x1 = scale * (np.cos(theta) * a + np.sin(theta) * b)
+    assert metrics(x0, x1)["cosine"] == pytest.approx(2 * np.sin(theta / 2) ** 2, rel=1e-6, abs=0)
 
 
 @pytest.mark.parametrize(("n", "d"), SHAPES)
