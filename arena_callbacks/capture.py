@@ -299,7 +299,7 @@ class GeometryTracker:
             if baseline or self.cache is None:
                 self._store_cache(current)
             assert self.cache is not None
-            reference = {n: x.float() for n, x in self.cache.items()}
+            reference = self.cache  # geometry_metrics upcasts the cached dtype to float64 itself
         stats = self.cache_stats  # None without a cache: a fresh reference each pass
         per_module = {
             n: geometry_metrics(reference[n], current[n], reference=None if stats is None else stats[n])
@@ -327,5 +327,5 @@ class GeometryTracker:
 
         self.cache = cache
         # The cache's own products, formed once for every step (from the values measure() reads).
-        self.cache_stats = {n: reference_stats(x.float()) for n, x in cache.items()}
+        self.cache_stats = {n: reference_stats(x) for n, x in cache.items()}
         self.cache_mb = state_bytes(cache) / 2**20
