@@ -33,8 +33,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -301,6 +303,34 @@ def _procrustes(sq0: torch.Tensor, sq1: torch.Tensor, core: torch.Tensor) -> tor
     return _ratio(residual2.sqrt(), sq0.sqrt())
 
 
+# Where OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE, a common setting on shared
+# machines, and the benchmarks' own), a CPU SVD up to this size runs on one thread: LAPACK's SVD
+# takes many small parallel steps, and waking the sleeping threads for each made a 576² one 2.4x
+# slower on two threads than on one (81 against 34 ms). With spinning threads (the default) two
+# threads cost about what one does at that size (23–37 ms against 34–36 ms over several runs),
+# and from ~1000 rows on two threads pay under either policy (1024²: 129–241 ms against 208 ms).
+# Measured on a 2-core AMD EPYC with torch 2.13 (MKL).
+_SVD_ONE_THREAD_MAX = 768
+
+
+def _passive_omp_wait() -> bool:
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """Run torch's CPU ops on ``n`` threads inside the block; the caller's setting is restored."""
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _nuclear_norm(m: torch.Tensor, method: str | None = None) -> torch.Tensor:
     """Sum of singular values of a square matrix.
 
@@ -315,6 +345,9 @@ def _nuclear_norm(m: torch.Tensor, method: str | None = None) -> torch.Tensor:
     if method is None:
         method = "eig" if m.device.type == "cuda" else "svd"
     if method == "svd":
+        if m.device.type == "cpu" and m.shape[0] <= _SVD_ONE_THREAD_MAX and _passive_omp_wait():
+            with _intra_op_threads(1):
+                return torch.linalg.svdvals(m).sum()
         return torch.linalg.svdvals(m).sum()
     if method == "eig":
         return torch.linalg.eigvalsh(m.T @ m).clamp(min=0).sqrt().sum()

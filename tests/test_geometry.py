@@ -314,6 +314,31 @@ def test_eig_nuclear_norm_on_rank_deficient_matrix() -> None:
         _nuclear_norm(torch.from_numpy(c), "qr")
 
 
+@pytest.mark.parametrize(("policy", "size", "threads_inside"), [("PASSIVE", 40, 1), ("passive", 40, 1), ("", 40, None), ("PASSIVE", 800, None)])
+def test_small_cpu_svd_on_one_thread_under_passive_omp_wait(monkeypatch, policy, size, threads_inside) -> None:
+    # Under OMP_WAIT_POLICY=PASSIVE a small SVD runs on one thread (the caller's count is kept
+    # otherwise and restored after, also when the SVD fails); the value does not change.
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads[-1])
+    threads = [3]
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    seen = []
+    svdvals = torch.linalg.svdvals
+
+    def spy(m: torch.Tensor) -> torch.Tensor:
+        seen.append(threads[-1])
+        return svdvals(m)
+
+    monkeypatch.setattr(torch.linalg, "svdvals", spy)
+    m = np.random.default_rng(size).standard_normal((size, size))
+    assert _nuclear_norm(torch.from_numpy(m)).item() == pytest.approx(np.linalg.norm(m, ord="nuc"), rel=1e-12)
+    assert seen == [threads_inside or 3] and threads[-1] == 3
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda m: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        _nuclear_norm(torch.from_numpy(m))
+    assert threads[-1] == 3
+
+
 # --- aggregate ---------------------------------------------------------------------------------
 
 
