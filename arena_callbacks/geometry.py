@@ -15,8 +15,8 @@ tokens), for the pretrained model and the current one. Per module:
 Cost scales with ``min(n, d)``: every ``n × n`` or ``d × d`` form is chosen by whichever is
 smaller, and Procrustes needs only the singular values of a ``min(n, d)``-square matrix. With
 ``d <= n`` one product ``C1ᵀC0`` serves both CKA and Procrustes, and a fixed reference's own
-products come from :func:`reference_stats` once, so a step forms four ``d × d`` products and
-one SVD.
+products come from :func:`reference_stats` once, so a step forms four ``d × d`` products (two
+of them only as norms, from their upper block triangle) and one SVD.
 Where a formula takes a difference of large sums (Procrustes, and Gram when ``d < n``), a
 distance that is truly zero reads as up to about ``1e-7`` (the square root of rounding error).
 
