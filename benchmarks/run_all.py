@@ -95,8 +95,10 @@ def overhead_rows(data: dict[str, Any], suffix: str = "") -> list[tuple[str, ...
     for setup, r in data["results"].items():
         for v, x in r["variants"].items():
             base = sorted(x["baseline_seconds"])[len(x["baseline_seconds"]) // 2]
+            pairs = len(r["plain_times_s"])
             rows.append((f"overhead{suffix}", f"{setup}, {r['steps']} steps, {v}: (monitored − baseline − plain) / plain",
-                         f"{x['overhead_excluding_baseline']:+.1%} wall, "
+                         f"{x['overhead_excluding_baseline']:+.1%} wall, median of {pairs} pairs "
+                         f"{_pair_range(x['seconds'], x['baseline_seconds'], r['plain_times_s'])}, "
                          f"{x.get('overhead_excluding_baseline_cpu', float('nan')):+.1%} CPU time (baseline pass "
                          f"{base:.1f} s once; probes at steps {x['probe_steps']}; FLOPs floor {x['flops_floor']:.2%})",
                          f"≤ {x['budget']:.0%}", verdict(x["meets_target"])))
@@ -105,6 +107,11 @@ def overhead_rows(data: dict[str, Any], suffix: str = "") -> list[tuple[str, ...
                 rows.append((f"overhead{suffix}", f"{setup}, {v}: the monitor's own share of wall time after the baseline",
                              f"{share:.1%}", f"≤ {x['budget']:.0%}", verdict(share <= x["budget"])))
     return rows
+
+
+def _pair_range(monitored: list[float], baseline: list[float], plain: list[float]) -> str:
+    extra = sorted((m - b - p) / p for m, b, p in zip(monitored, baseline, plain))
+    return f"(from {extra[0]:+.1%} to {extra[-1]:+.1%})" if len(extra) > 1 else ""
 
 
 def scaling_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
