@@ -154,7 +154,8 @@ def geometry_metrics(
     row_sq0 = torch.linalg.vector_norm(x0, dim=1).square()
     row_sq1 = torch.linalg.vector_norm(x1, dim=1).square()
     sq0, sq1 = row_sq0.sum(), row_sq1.sum()
-    # The squares of float inputs cannot overflow in float64: a non-finite sum means a NaN or an inf.
+    # A NaN or an inf anywhere makes these sums non-finite. (So would a float64 input beyond ~1e154,
+    # whose squares overflow; float32 and narrower inputs cannot get there.)
     if not bool(torch.isfinite(sq0 + sq1)):
         return dict.fromkeys(METRICS, math.nan)
     if reference is not None:
