@@ -158,6 +158,12 @@ def flops(model: Any, monitor: Any, steps: int, setup: dict[str, Any]) -> dict[s
 # --------------------------------------------------------------------------------------
 
 
+def excess_per_pair(monitored: list[float], baseline: list[float], plain: list[float]) -> list[float]:
+    """``(monitored − baseline − plain) / plain`` for each monitored run and the plain run of its
+    repetition (adjacent in time)."""
+    return [(m - b - p) / p for m, b, p in zip(monitored, baseline, plain)]
+
+
 def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     setup = SETUPS[name](args.device, args.model)
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(setup["budgets"])
@@ -179,8 +185,7 @@ def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     for v in names[1:]:
         rs = runs[v]
         base = [r["overhead"]["baseline_seconds"] for r in rs]
-        # Pair each monitored run with the plain run of its repetition (adjacent in time).
-        extra = [(r["seconds"] - b - p) / p for r, b, p in zip(rs, base, plain)]
+        extra = excess_per_pair([r["seconds"] for r in rs], base, plain)
         f = rs[-1]["flops"]
         probes = len(rs[-1]["probe_steps"]) - 1  # after the baseline
         floor = probes * f["probe_pass"] / (steps * f["train_step"])

@@ -110,7 +110,9 @@ def overhead_rows(data: dict[str, Any], suffix: str = "") -> list[tuple[str, ...
 
 
 def _pair_range(monitored: list[float], baseline: list[float], plain: list[float]) -> str:
-    extra = sorted((m - b - p) / p for m, b, p in zip(monitored, baseline, plain))
+    from overhead import excess_per_pair
+
+    extra = sorted(excess_per_pair(monitored, baseline, plain))
     return f"(from {extra[0]:+.1%} to {extra[-1]:+.1%})" if len(extra) > 1 else ""
 
 
