@@ -593,8 +593,9 @@ class ForgettingMonitor(TrainerCallback):
             return
         b = cadence.overhead_budget
         assert b is not None
-        # cost / (cost + interval·step_time) <= b  ⇔  interval >= cost·(1 − b) / (b·step_time)
-        wanted = self._probe_cost * (1 - b) / (b * max(step_time, 1e-9))
+        # The probes may add b to the wall time of the same run without them: cost <= b·interval·step_time.
+        # Their share of the monitored run, cost / (cost + interval·step_time) <= b / (1 + b), stays below b too.
+        wanted = self._probe_cost / (b * max(step_time, 1e-9))
         interval = max(cadence.min_interval, math.ceil(wanted - 1e-9))
         if cadence.max_interval is not None:
             interval = min(interval, cadence.max_interval)

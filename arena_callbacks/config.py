@@ -62,14 +62,16 @@ class CadenceConfig(_Frozen):
     """When probes run.
 
     By default the monitor schedules its own probes so that they cost at most
-    ``overhead_budget`` of the wall time: from the measured cost of the last probe pass and the
+    ``overhead_budget`` to the wall time: from the measured cost of the last probe pass and the
     measured time of a training step (all ranks' slowest), the next probe comes after
-    ``ceil(cost·(1 − b)/b / step_time)`` steps. A fixed ``every_n_steps``, when set, takes
-    precedence.
+    ``ceil(cost / (b·step_time))`` steps, so a monitored run takes at most ``1 + b`` times the
+    same run without the monitor (and the probes' share of it stays below ``b``). A fixed
+    ``every_n_steps``, when set, takes precedence.
 
     Attributes:
         every_n_steps: Probe after every N optimizer steps (``None``: use ``overhead_budget``).
-        overhead_budget: Largest share of wall time the probes may take (0 < b < 1), or ``None``.
+        overhead_budget: Most wall time the probes may add, as a fraction of the training time
+            (0 < b < 1; 0.03: a run takes at most 1.03 times as long), or ``None``.
         min_interval: Fewest steps between budget-scheduled probes.
         max_interval: Most steps between budget-scheduled probes (``None``: no limit); a cap
             can make the probes cost more than the budget.

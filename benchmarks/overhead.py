@@ -62,7 +62,7 @@ def smollm2_setup(device: str, spec: str = MODEL) -> dict[str, Any]:
         m, _ = load_model_and_tokenizer(spec, progress=False)
         return peft.get_peft_model(m.to(device), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
 
-    return {"tok": tok, "data": data, "model": model, "lr": 2e-3, "trainable": "lora", "steps": 100, "budgets": (0.03,),
+    return {"tok": tok, "data": data, "model": model, "lr": 2e-3, "trainable": "lora", "steps": 100, "repeats": 2, "budgets": (0.03,),
             "probes": build_capabilities(["general_text", "world_knowledge"], n=16)}
 
 
@@ -70,7 +70,7 @@ def tiny_setup(device: str, spec: str | None = None) -> dict[str, Any]:  # spec:
     from helpers import TARGET_TEXT, corpus, make_tokenizer, pretrained_model
 
     tok = make_tokenizer()
-    return {"tok": tok, "data": [tok(TARGET_TEXT) for _ in range(64)], "lr": 1e-2, "trainable": "full", "steps": 300,
+    return {"tok": tok, "data": [tok(TARGET_TEXT) for _ in range(64)], "lr": 1e-2, "trainable": "full", "steps": 300, "repeats": 20,
             "budgets": (0.03, 0.1),
             "model": lambda: pretrained_model().to(device), "probes": {"general": [{"text": s} for s in corpus(32, seed=1)]}}
 
@@ -109,15 +109,40 @@ def make_trainer(setup: dict[str, Any], steps: int, out: str, device: str, caden
     return trainer, monitor
 
 
+def step_timer() -> Any:
+    """A callback recording when each optimizer step begins and ends; placed before the monitor,
+    so that its probe passes fall between steps, not in them."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.begin: list[float] = []
+            self.end: list[float] = []
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.end.append(time.perf_counter())
+
+        def step_seconds(self) -> list[float]:
+            return [e - b for b, e in zip(self.begin, self.end)]
+
+    return StepTimer()
+
+
 def train(setup: dict[str, Any], steps: int, budget: float | None, device: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as out:
         cadence = None if budget is None else {"overhead_budget": budget, "at_train_end": False}
-        trainer, monitor = make_trainer(setup, steps, out, device, cadence)
+        timer = step_timer()
+        trainer, monitor = make_trainer(setup, steps, out, device, cadence, callbacks=[timer])
         model = trainer.model
         t, c = time.perf_counter(), time.process_time()
         trainer.train()
         seconds, cpu = time.perf_counter() - t, time.process_time() - c
-        result: dict[str, Any] = {"seconds": seconds, "cpu_seconds": cpu}
+        # The run splits into its optimizer steps and everything around them (data loading,
+        # callbacks, the monitor's probe steps and baseline pass).
+        result: dict[str, Any] = {"seconds": seconds, "cpu_seconds": cpu, "steps_seconds": sum(timer.step_seconds())}
         if monitor is not None:
             summary = json.loads(Path(out, "arena", "summary.json").read_text())
             result["overhead"] = summary.get("overhead")
@@ -168,24 +193,32 @@ def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     setup = SETUPS[name](args.device, args.model)
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else list(setup["budgets"])
     steps = args.steps or setup["steps"]
+    repeats = args.repeats or setup["repeats"]
     variants: dict[str, float | None] = {"plain": None, **{f"monitor@{b:g}": b for b in budgets}}
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     names = list(variants)
     if args.device != "cpu":
         # The first run on a GPU also pays for CUDA's and cuBLAS's start-up: warm up untimed.
         train(setup, min(steps, 10), None, args.device)
-    for rep in range(args.repeats):
+    for rep in range(repeats):
         for v in names if rep % 2 == 0 else names[::-1]:
             runs[v].append(train(setup, steps, variants[v], args.device))
             print(f"  {name} {v}: {runs[v][-1]['seconds']:.1f} s", flush=True)
     plain = [r["seconds"] for r in runs["plain"]]
     plain_cpu = [r["cpu_seconds"] for r in runs["plain"]]
-    out: dict[str, Any] = {"steps": steps, "plain_s": statistics.median(plain), "plain_times_s": plain,
+    out: dict[str, Any] = {"steps": steps, "repeats": repeats, "plain_s": statistics.median(plain), "plain_times_s": plain,
+                           "plain_steps_s": [r["steps_seconds"] for r in runs["plain"]],
                            "plain_cpu_s": plain_cpu, "variants": {}}
     for v in names[1:]:
         rs = runs[v]
         base = [r["overhead"]["baseline_seconds"] for r in rs]
         extra = excess_per_pair([r["seconds"] for r in rs], base, plain)
+        # The same excess split in two (they add up pair by pair): the optimizer steps' own time,
+        # which the machine's drift moves by several percent between runs, and the time around
+        # them less the baseline pass, where the monitor's probe steps fall.
+        in_steps = [(r["steps_seconds"] - p["steps_seconds"]) / p["seconds"] for r, p in zip(rs, runs["plain"])]
+        outside = [((r["seconds"] - r["steps_seconds"] - b) - (p["seconds"] - p["steps_seconds"])) / p["seconds"]
+                   for r, b, p in zip(rs, base, runs["plain"])]
         f = rs[-1]["flops"]
         probes = len(rs[-1]["probe_steps"]) - 1  # after the baseline
         floor = probes * f["probe_pass"] / (steps * f["train_step"])
@@ -199,6 +232,11 @@ def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "baseline_seconds": base,
             "cpu_seconds": [r["cpu_seconds"] for r in rs],
             "overhead_excluding_baseline": statistics.median(extra),
+            "overhead_per_pair": extra,
+            "in_steps_per_pair": in_steps,
+            "outside_steps_per_pair": outside,
+            "in_steps": statistics.median(in_steps),
+            "outside_steps": statistics.median(outside),
             "overhead_excluding_baseline_cpu": statistics.median(extra_cpu),
             "monitor_share": statistics.median(share) if share else None,
             "overhead_including_baseline": statistics.median((r["seconds"] - p) / p for r, p in zip(rs, plain)),
@@ -218,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: smollm2 100, tiny 300)")
     ap.add_argument("--budgets", default=None,
                     help="cadence.overhead_budget values, comma-separated (default: smollm2 0.03, tiny 0.03,0.1)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="interleaved repetitions of every variant (default: smollm2 2, tiny 20: its runs are short and noisy)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=MODEL, help="the smollm2 setup's model spec (built-in name or folder)")
@@ -236,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         for v, x in r["variants"].items():
             print(f"{name:<8} {v:<14} plain {r['plain_s']:6.1f} s; baseline pass {statistics.median(x['baseline_seconds']):5.1f} s "
                   f"(once); overhead excl. baseline {x['overhead_excluding_baseline']:+.1%} wall, "
-                  f"{x['overhead_excluding_baseline_cpu']:+.1%} CPU time, monitor's share "
+                  f"{x['overhead_excluding_baseline_cpu']:+.1%} CPU time (in the steps {x['in_steps']:+.1%}, "
+                  f"around them {x['outside_steps']:+.1%}), monitor's share "
                   f"{x['monitor_share'] if x['monitor_share'] is None else format(x['monitor_share'], '.1%')} "
                   f"(budget {x['budget']:.0%}); "
                   f"probes at {x['probe_steps']}; FLOPs floor {x['flops_floor']:.2%}")

@@ -23,38 +23,30 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import set_threads  # noqa: E402
 
-VARIANTS: dict[str, dict[str, Any] | None] = {  # the monitor's cadence section, None: no monitor
-    "plain": None,
-    "budget": {"overhead_budget": 0.03, "at_train_end": False},
-    "baseline_only": {"every_n_steps": 10**6, "at_train_end": False},
-}
+def variants(budgets: list[float]) -> dict[str, dict[str, Any] | None]:
+    """The monitor's cadence section per variant; None: no monitor."""
+    return {"plain": None,
+            **{f"budget@{b:g}": {"overhead_budget": b, "at_train_end": False} for b in budgets},
+            "baseline_only": {"every_n_steps": 10**6, "at_train_end": False}}
 
 
 def run(setup: dict[str, Any], cadence: dict[str, Any] | None, steps: int, device: str) -> dict[str, Any]:
-    from transformers import TrainerCallback
+    from overhead import make_trainer, step_timer
 
-    from overhead import make_trainer
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.begin: list[float] = []
-            self.end: list[float] = []
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.begin.append(time.perf_counter())
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.end.append(time.perf_counter())
-
-    timer = StepTimer()
+    timer = step_timer()
     with tempfile.TemporaryDirectory() as out:
         trainer, monitor = make_trainer(setup, steps, out, device, cadence, callbacks=[timer])  # timer first
-        t = time.perf_counter()
+        t, c, m = time.perf_counter(), time.process_time(), time.thread_time()
         trainer.train()
-        total = time.perf_counter() - t
-    steps_s = [e - b for b, e in zip(timer.begin, timer.end)]
+        total, cpu, main_cpu = time.perf_counter() - t, time.process_time() - c, time.thread_time() - m
+    steps_s = timer.step_seconds()
+    accounted = sum(monitor.overhead[k] for k in ("baseline_seconds", "monitor_seconds")) if monitor else 0.0
     return {"total_s": round(total, 3), "steps_sum_s": round(sum(steps_s), 3),
+            # wall time outside the timed steps that the monitor did not account for as its own
+            "unaccounted_between_s": round(total - sum(steps_s) - accounted, 3),
+            "cpu_s": round(cpu, 3), "main_thread_cpu_s": round(main_cpu, 3),
             "median_step_ms": round(1e3 * statistics.median(steps_s), 1),
+            "mean_step_ms": round(1e3 * statistics.fmean(steps_s), 2),
             "probe_steps": [s.step for s in monitor.history] if monitor else [],
             "monitor_accounting": getattr(monitor, "overhead", None)}
 
@@ -64,20 +56,23 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--setup", default="smollm2", choices=sorted(overhead.SETUPS))
     ap.add_argument("--model", default=overhead.MODEL)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--budgets", default="0.03", help="cadence.overhead_budget values, comma-separated")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (0: leave as is)")
     ap.add_argument("--out", default=None, help="also write the rows here as JSON lines")
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    setup = overhead.smollm2_setup(args.device, args.model)
+    setup = overhead.SETUPS[args.setup](args.device, args.model)
     run(setup, None, min(args.steps, 10), args.device)  # warm-up
+    cadences = variants([float(b) for b in args.budgets.split(",")])
     rows = []
     for rep in range(args.repeats):
-        names = list(VARIANTS) if rep % 2 == 0 else list(VARIANTS)[::-1]
+        names = list(cadences) if rep % 2 == 0 else list(cadences)[::-1]
         for name in names:
-            r = {"variant": name, "repetition": rep, **run(setup, VARIANTS[name], args.steps, args.device)}
+            r = {"variant": name, "repetition": rep, **run(setup, cadences[name], args.steps, args.device)}
             rows.append(r)
             print(json.dumps(r), flush=True)
     if args.out:

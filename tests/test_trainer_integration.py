@@ -176,9 +176,11 @@ def test_on_evaluate_cadence_and_log_action(tokenizer, tmp_path):
 
 def test_overhead_budget_schedules_probes_from_measured_costs(tokenizer, tmp_path, monkeypatch):
     """A controlled clock: a training step takes 1 s, a probe pass 1 s, the bookkeeping after it
-    (metrics, budgets, history, TensorBoard) 0.5 s. With b = 0.25 the first interval (cost 1 s,
-    timed over 2 calibration steps) is ceil(1 · 0.75 / 0.25) = 3 steps; from the second probe on
-    the cost includes the last bookkeeping, 1.5 s, so the next interval is ceil(4.5) = 5 steps."""
+    (metrics, budgets, history, TensorBoard) 0.5 s. With b = 0.25 the probes may add a quarter to
+    the training time: the first two intervals (cost 1 s, step time timed over 2 calibration
+    steps) are ceil(1 / (0.25 · 1)) = 4 steps, as no bookkeeping has been measured before the
+    first probe step; after the second, the cost includes the first one's bookkeeping, 1.5 s, so
+    the next interval is ceil(1.5 / 0.25) = 6 steps."""
     import types
 
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
@@ -212,9 +214,9 @@ def test_overhead_budget_schedules_probes_from_measured_costs(tokenizer, tmp_pat
     Trainer(model=pretrained_model(), args=args, train_dataset=[tokenizer(TARGET_TEXT) for _ in range(64)],
             processing_class=tokenizer, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
             callbacks=[Step(), monitor]).train()
-    assert [s.step for s in monitor.history] == [0, 3, 6]  # the next one would be at 11
+    assert [s.step for s in monitor.history] == [0, 4, 8]  # the next one would be at 14
     assert all(s.metrics["probe/seconds"] == 1.0 for s in monitor.history)
-    assert monitor.next_probe_step == 11
+    assert monitor.next_probe_step == 14
     summary = json.loads((tmp_path / "arena" / "summary.json").read_text())
     assert summary["overhead"]["baseline_seconds"] == 1.0
     # Two probe steps of 1 s + 0.5 s; ten 1-s steps, the four after the last probe included.
