@@ -14,7 +14,10 @@ Variants: ``plain`` (no monitor) and ``monitor@b`` with the scheduler's ``cadenc
 that only budgeted probes count. Reported per variant: wall and process CPU time of
 ``trainer.train()``, the one-time baseline pass (the monitor's own ``summary.json``
 ``overhead.baseline_seconds``) apart, the overhead excluding it, ``(monitored − baseline −
-plain) / plain`` paired by repetition (target ≤ the budget), the monitor's own share of the
+plain) / plain`` paired by repetition (target ≤ the budget) and the same split into the optimizer
+steps' own time (a callback before the monitor times each step) and the time around them, where
+the probes run (the steps' time moves between runs of the same finetune; the rest is the
+monitor's), the monitor's own share of the
 wall time after the baseline (``overhead.fraction``, measured inside one run and so immune to
 the machine's speed drifting between runs), and the floor: probe forward FLOPs over training
 FLOPs for the probes the cadence ran (forward ≈ 2 FLOPs per parameter per token, vocabulary

@@ -102,6 +102,12 @@ def overhead_rows(data: dict[str, Any], suffix: str = "") -> list[tuple[str, ...
                          f"{x.get('overhead_excluding_baseline_cpu', float('nan')):+.1%} CPU time (baseline pass "
                          f"{base:.1f} s once; probes at steps {x['probe_steps']}; FLOPs floor {x['flops_floor']:.2%})",
                          f"≤ {x['budget']:.0%}", verdict(x["meets_target"])))
+            if "in_steps_per_pair" in x:
+                rows.append((f"overhead{suffix}", f"{setup}, {v}: the same excess, split into the optimizer steps' own time "
+                             "and the time around them (per pair, over plain)",
+                             f"in the steps {x['in_steps']:+.1%} {_range(x['in_steps_per_pair'])}, around them "
+                             f"{x['outside_steps']:+.1%} {_range(x['outside_steps_per_pair'])}",
+                             "(info: the probes run around the steps)", "n/a"))
             share = x.get("monitor_share")
             if share is not None:
                 rows.append((f"overhead{suffix}", f"{setup}, {v}: the monitor's own share of wall time after the baseline",
@@ -112,8 +118,12 @@ def overhead_rows(data: dict[str, Any], suffix: str = "") -> list[tuple[str, ...
 def _pair_range(monitored: list[float], baseline: list[float], plain: list[float]) -> str:
     from overhead import excess_per_pair
 
-    extra = sorted(excess_per_pair(monitored, baseline, plain))
-    return f"(from {extra[0]:+.1%} to {extra[-1]:+.1%})" if len(extra) > 1 else ""
+    return _range(excess_per_pair(monitored, baseline, plain))
+
+
+def _range(values: list[float]) -> str:
+    v = sorted(values)
+    return f"(from {v[0]:+.1%} to {v[-1]:+.1%})" if len(v) > 1 else ""
 
 
 def scaling_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
