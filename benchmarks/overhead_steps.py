@@ -3,10 +3,13 @@
 The overhead benchmark compares whole runs; where the step time itself moves between runs by
 more than the budget (a host-bound GPU loop), that comparison cannot see a small cost. This
 script times every optimizer step (a callback placed before the monitor, so probe passes are
-not in the step) for a plain run, a run with the budgeted monitor and one with a baseline-only
-monitor, repetitions interleaved, and prints each run's total, step sum and median step.
+not in the step) for a plain run, a run with the budgeted monitor (per ``--budgets``) and one with a baseline-only
+monitor, repetitions interleaved, and prints each run's total, step sum, median and mean step,
+process and main-thread CPU time, and the wall time outside the steps that the monitor did not
+account for as its own.
 
     python benchmarks/overhead_steps.py --device cuda --model DIR --steps 60 --repeats 2
+    python benchmarks/overhead_steps.py --setup tiny --steps 300 --repeats 6 --budgets 0.03,0.1
 """
 
 from __future__ import annotations
