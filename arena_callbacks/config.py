@@ -61,12 +61,13 @@ IMPLEMENTED_ACTIONS = frozenset({Action.LOG, Action.STOP, Action.REWIND})
 class CadenceConfig(_Frozen):
     """When probes run.
 
-    By default the monitor schedules its own probes so that they cost at most
-    ``overhead_budget`` to the wall time: from the measured cost of the last probe pass and the
+    By default the monitor schedules its own probes so that they add at most
+    ``overhead_budget`` to the wall time: from the measured cost of the last probe step and the
     measured time of a training step (all ranks' slowest), the next probe comes after
     ``ceil(cost / (b·step_time))`` steps, so a monitored run takes at most ``1 + b`` times the
-    same run without the monitor (and the probes' share of it stays below ``b``). A fixed
-    ``every_n_steps``, when set, takes precedence.
+    same run without the monitor (and the probes' share of it stays below ``b``) as long as a
+    probe step costs what the last one did. A fixed ``every_n_steps``, when set, takes
+    precedence.
 
     Attributes:
         every_n_steps: Probe after every N optimizer steps (``None``: use ``overhead_budget``).
