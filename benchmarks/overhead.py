@@ -216,12 +216,11 @@ def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
         rs = runs[v]
         base = [r["overhead"]["baseline_seconds"] for r in rs]
         extra = excess_per_pair([r["seconds"] for r in rs], base, plain)
-        # The same excess split in two (they add up pair by pair): the optimizer steps' own time,
-        # which the machine's drift moves by several percent between runs, and the time around
-        # them less the baseline pass, where the monitor's probe steps fall.
+        # The same excess split in two: the optimizer steps' own time, which the machine's drift
+        # moves by several percent between runs, and the rest, the time around the steps less the
+        # baseline pass, where the monitor's probe steps fall.
         in_steps = [(r["steps_seconds"] - p["steps_seconds"]) / p["seconds"] for r, p in zip(rs, runs["plain"])]
-        outside = [((r["seconds"] - r["steps_seconds"] - b) - (p["seconds"] - p["steps_seconds"])) / p["seconds"]
-                   for r, b, p in zip(rs, base, runs["plain"])]
+        outside = [e - s for e, s in zip(extra, in_steps)]
         f = rs[-1]["flops"]
         probes = len(rs[-1]["probe_steps"]) - 1  # after the baseline
         floor = probes * f["probe_pass"] / (steps * f["train_step"])
@@ -235,7 +234,6 @@ def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
             "baseline_seconds": base,
             "cpu_seconds": [r["cpu_seconds"] for r in rs],
             "overhead_excluding_baseline": statistics.median(extra),
-            "overhead_per_pair": extra,
             "in_steps_per_pair": in_steps,
             "outside_steps_per_pair": outside,
             "in_steps": statistics.median(in_steps),
