@@ -757,12 +757,16 @@ class ForgettingMonitor(TrainerCallback):
 
         handler = trainer.callback_handler
         saved = handler.callbacks
+        # The handler's on_log clears control.should_log, which DefaultFlowCallback set at this
+        # step for the trainer's own log: restore it, or the trainer's loss of this step is lost.
+        should_log = trainer.control.should_log
         if self.config.logging.tensorboard:
             handler.callbacks = [cb for cb in saved if type(cb).__name__ != "TensorBoardCallback"]
         try:
             Trainer.log(trainer, dict(metrics))
         finally:
             handler.callbacks = saved
+            trainer.control.should_log = should_log
 
     def _overhead_summary(self) -> dict[str, float | None]:
         """Seconds of training and of the monitor's own work (the baseline pass apart); training

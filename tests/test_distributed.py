@@ -229,18 +229,24 @@ def test_a_fault_on_one_rank_raises_probe_failure_on_every_rank(probe_ranks, sin
 # --------------------------------------------------------------------------------------
 
 
-def _torchrun_train(work, *script_args):
-    """train_ddp.py under torchrun with 2 processes; returns (work, [rank0 report, rank1 report])."""
+def torchrun(work: Path, script: str, *script_args, timeout: float = WORKER_TIMEOUT_S) -> list[dict]:
+    """``tests/dist_scripts/<script>`` under torchrun with 2 processes; returns the ranks' reports
+    (``work/rank<r>.json``)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(SCRIPTS / "train_ddp.py"), str(work), *map(str, script_args),
+        str(SCRIPTS / script), *map(str, script_args),
     ]
     env = _env()
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    _run_all([(cmd, env)], [work / "torchrun.txt"], WORKER_TIMEOUT_S)
-    return work, _read_ranks(work)
+    _run_all([(cmd, env)], [work / "torchrun.txt"], timeout)
+    return _read_ranks(work)
+
+
+def _torchrun_train(work, *script_args):
+    """train_ddp.py under torchrun with 2 processes; returns (work, [rank0 report, rank1 report])."""
+    return work, torchrun(work, "train_ddp.py", work, *script_args)
 
 
 @pytest.fixture(scope="module")
