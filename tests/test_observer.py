@@ -85,6 +85,20 @@ def test_a_new_users_script_shows_the_same_loss_curve_in_tensorboard(pairs):
     assert not any(t.startswith(("train/retention", "train/sp/")) for t in watched["tensorboard"])
 
 
+@pytest.mark.parametrize("config", [{}, {"cadence": {"every_n_steps": None, "on_evaluate": True}}],
+                         ids=["defaults", "on-evaluate"])
+def test_other_cadences_leave_the_run_unchanged(pairs, tmp_path, config):
+    """The default config (cost-budgeted cadence, probes at train end) and probes inside the
+    trainer's evaluation: the run is still the plain one."""
+    plain, _ = pairs("trainer", "lora")
+    watched = observer.run(tmp_path, trainer_kind="trainer", method="lora", monitor_config=config)
+    assert observer.differences(plain, watched) == []
+    steps = watched["monitor_steps"]
+    assert steps[0] == 0 and steps[-1] == observer.MAX_STEPS
+    if config:
+        assert steps == [0, 2, 4, 6]  # every evaluation
+
+
 def test_the_comparison_catches_a_monitor_that_draws_random_numbers(tmp_path, monkeypatch):
     """The suite's own check: a probe that draws one number from the global RNG changes the
     dropout masks after it, and the comparison says so."""
