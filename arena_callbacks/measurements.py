@@ -15,14 +15,14 @@ Stability-plasticity: ``sp/stability`` (mean or min of ``retention/*``) and, wit
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .probes import ProbeResult, ProbeSet
 from .sp import SP_KEYS
 
-__all__ = ["TARGET", "Snapshot", "build_snapshot", "expected_keys"]
+__all__ = ["TARGET", "Snapshot", "build_snapshot", "current_records", "expected_keys", "superseded"]
 
 #: Name under which the target probe is registered.
 TARGET = "target"
@@ -57,6 +57,41 @@ class Snapshot:
             trigger=data.get("trigger", "step"),
             extra={k: v for k, v in data.items() if k not in known},
         )
+
+
+def superseded(snapshots: Sequence[Snapshot]) -> list[int]:
+    """Indices of the records a rewind replaced: the state they measured is held nowhere any more.
+
+    A rewind writes two records at one step: the ordinary one (the breach) and, right after it,
+    one with ``trigger == "rewind"`` measuring what the rewind loaded. From then on the model,
+    and any checkpoint saved at that step, hold the loaded weights, so the records directly
+    before a ``rewind`` record at its own step are superseded: they stay in the history (the
+    trajectory draws the breach and the move back, the breaches table lists it) but are never
+    the operating, best or final point, nor "the record of that step". Every other record is
+    current (see :func:`current_records`). Only the run of same-step records just before the
+    rewind record counts, so an earlier record at a repeated step (a resume without the
+    monitor's state measures steps again) is left alone.
+
+    Example:
+        >>> snaps = [Snapshot(0, {}, trigger="baseline"), Snapshot(10, {}), Snapshot(10, {}, trigger="rewind")]
+        >>> superseded(snaps)
+        [1]
+    """
+    out: list[int] = []
+    for i, s in enumerate(snapshots):
+        if s.trigger != "rewind":
+            continue
+        j = i - 1
+        while j >= 0 and snapshots[j].step == s.step and j not in out:
+            out.append(j)
+            j -= 1
+    return sorted(out)
+
+
+def current_records(snapshots: Sequence[Snapshot]) -> list[Snapshot]:
+    """The snapshots, in order, less those a rewind superseded (:func:`superseded`); the same objects."""
+    gone = set(superseded(snapshots))
+    return [s for i, s in enumerate(snapshots) if i not in gone]
 
 
 def _json_float(v: float) -> float | str:

@@ -33,7 +33,7 @@ from .exceptions import ArenaError
 from .measurements import build_snapshot
 from .probes import Probe, ProbeRunner, ProbeSet
 from .rewind import alphas_for, interpolate, path_rules
-from .runs import Run, load_run
+from .runs import ADAPTER_FILES, Run, has_weights, load_run
 from .sp import SPPoint, operating_point
 
 __all__ = ["Candidate", "RewindError", "rewind_run"]
@@ -41,8 +41,6 @@ __all__ = ["Candidate", "RewindError", "rewind_run"]
 logger = logging.getLogger(__name__)
 
 PROBES_FILE = "probes.json"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 # Adapter tensors whose pretrained value is known without the training run: zero at init.
 _ZERO_AT_INIT = ("lora_B", "lora_embedding_B", "oft_R", "oft_embedding_R")
 _KEEP = ("lora_A", "lora_embedding_A")
@@ -54,7 +52,12 @@ class RewindError(ArenaError):
 
 @dataclass
 class Candidate:
-    """One state probed: the pretrained model, a saved state, or a point on the path."""
+    """One state probed: the pretrained model, a saved state, or a point on the path.
+
+    ``rewind``: for a saved state at the step of a live rewind (a checkpoint the trainer saved
+    right after it, or the final model of a run that ended there), that rewind's number: the
+    state holds what the rewind loaded, not the breach recorded before it at the same step.
+    """
 
     label: str
     source: str  # "pretrained", "checkpoint", "final", "path"
@@ -63,6 +66,7 @@ class Candidate:
     metrics: dict[str, float] = field(default_factory=dict)
     in_budget: bool = True
     chosen: bool = False
+    rewind: int | None = None
 
     @property
     def plasticity(self) -> float:
@@ -76,7 +80,7 @@ class Candidate:
         return {
             "label": self.label, "source": self.source, "step": self.step, "alpha": self.alpha,
             "plasticity": _j(self.plasticity), "stability": _j(self.stability), "in_budget": self.in_budget,
-            "chosen": self.chosen, "metrics": {k: _j(v) for k, v in self.metrics.items()},
+            "chosen": self.chosen, "rewind": self.rewind, "metrics": {k: _j(v) for k, v in self.metrics.items()},
         }
 
 
@@ -88,16 +92,17 @@ def _saved_states(run: Run) -> list[tuple[str, str, int | None, Path]]:
     """(label, source, step, folder) of every saved state holding weights, by step, final last."""
     out = []
     for step, path in run.checkpoints():
-        if _has_weights(path):
+        if has_weights(path):
             out.append((f"checkpoint-{step}", "checkpoint", step, path))
-    if run.output_dir is not None and _has_weights(run.output_dir):
-        step = run.summary.get("final_step")
+    if run.output_dir is not None and has_weights(run.output_dir):
+        step = run.summary.get("final_step")  # the last record's step: a rewind's, when the run ended on one
         out.append(("final", "final", int(step) if step is not None else None, run.output_dir))
     return out
 
 
-def _has_weights(path: Path) -> bool:
-    return any((path / f).is_file() for f in (*ADAPTER_FILES, *MODEL_FILES))
+def _rewound_at(run: Run) -> dict[int, int]:
+    """Step → number of the live rewind at that step: a state saved at that step holds what it loaded."""
+    return {int(r["step"]): int(r.get("number", i + 1)) for i, r in enumerate(run.rewinds())}
 
 
 def _load_probes(run: Run) -> dict[str, ProbeSet]:
@@ -211,11 +216,13 @@ def rewind_run(
         theta1 = read(states[-1][3])
 
     kept: dict[str, dict[str, torch.Tensor]] = {}
+    rewound = _rewound_at(run)
     for label, source, step, folder in states:
         state = theta1 if folder == states[-1][3] else read(folder)
         apply(state)
         kept[label] = state
-        candidates.append(Candidate(label, source, step, 1.0, measure(f"arena rewind: {label}")))
+        candidates.append(Candidate(label, source, step, 1.0, measure(f"arena rewind: {label}"),
+                                    rewind=rewound.get(step) if step is not None else None))
     last = candidates[-1]
 
     path_alphas = sorted(set(alphas if alphas is not None else run.config.rewind.alphas))
@@ -282,12 +289,9 @@ def _adapter_theta0(theta1: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] 
 def _base_path(run: Run, last: Path, given: str | Path | None, is_adapter: bool) -> str:
     if given is not None:
         return str(given)
-    if is_adapter and (last / "adapter_config.json").is_file():
-        cfg = json.loads((last / "adapter_config.json").read_text(encoding="utf-8"))
-        if cfg.get("base_model_name_or_path"):
-            return str(cfg["base_model_name_or_path"])
-    if run.summary.get("base_model"):
-        return str(run.summary["base_model"])
+    found = run.base_model(last if is_adapter else None)
+    if found is not None:
+        return found
     raise RewindError("the pretrained model is not recorded in the run; pass --base-model <folder or hub id>")
 
 
@@ -322,8 +326,12 @@ def _write_outputs(run: Run, out: Path, cands: list[Candidate], chosen: Candidat
         "| candidate | source | step | α | P | S | in budget |", "|---|---|---:|---:|---:|---:|---|",
     ]
     for c in cands:
-        md.append(f"| {'**' + c.label + '**' if c.chosen else c.label} | {c.source} | "
+        name = c.label + (f" (after rewind {c.rewind})" if c.rewind is not None else "")
+        md.append(f"| {'**' + name + '**' if c.chosen else name} | {c.source} | "
                   f"{c.step if c.step is not None else 'n/a'} | {c.alpha if c.alpha is not None else 'n/a'} | "
                   f"{_fmt(c.plasticity)} | {_fmt(c.stability)} | {'yes' if c.in_budget else 'no'} |")
+    if any(c.rewind is not None for c in cands):
+        md += ["", ("A state marked *after rewind n* was saved at the step of the run's live rewind n: it holds "
+                    "what that rewind loaded, not the breach recorded before it at the same step.")]
     md += ["", "![candidates](rewind.png)", ""]
     (out / "rewind.md").write_text("\n".join(md), encoding="utf-8")

@@ -18,14 +18,15 @@ from typing import TYPE_CHECKING, Any
 from .config import MonitorConfig
 from .exceptions import ArenaError
 from .history import HISTORY_FILE
-from .measurements import Snapshot
+from .measurements import Snapshot, current_records
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
     from .sp import SPPoint
 
-__all__ = ["MONITOR_DIR", "SUMMARY_FILE", "Run", "RunNotFoundError", "load_run"]
+__all__ = ["ADAPTER_FILES", "MODEL_FILES", "MONITOR_DIR", "SUMMARY_FILE", "Run", "RunNotFoundError", "has_weights",
+           "load_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,16 @@ SUMMARY_FILE = "summary.json"
 #: The monitor's default folder inside a trainer ``output_dir``.
 MONITOR_DIR = "arena"
 
+#: Files of a saved adapter (``PeftModel.save_pretrained``) and of a saved full model.
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def has_weights(path: Path) -> bool:
+    """``path`` holds a saved adapter or model (:data:`ADAPTER_FILES`, :data:`MODEL_FILES`)."""
+    return any((path / f).is_file() for f in (*ADAPTER_FILES, *MODEL_FILES))
 
 
 class RunNotFoundError(ArenaError, FileNotFoundError):
@@ -47,12 +57,17 @@ class Run:
     Attributes:
         name: Label (the trainer output folder's name by default).
         path: The monitor folder holding ``history.jsonl`` (and ``summary.json`` once training ended).
-        snapshots: Every probe step in order, the baseline first; ``extra`` holds no ``decision``.
+        snapshots: Every record of ``history.jsonl`` in order, the baseline first; ``extra`` holds
+            no ``decision``. After a rewind a step has two records, the breach and then the state
+            the rewind loaded (``trigger == "rewind"``); :meth:`current_snapshots`, :meth:`points`,
+            :attr:`final` and :meth:`operating_record` count only the latter
+            (:func:`arena_callbacks.measurements.current_records`).
         summary: ``summary.json`` as a dict (``{}`` when the run has not ended).
         config: The monitor config rebuilt from ``summary["config"]``, else the default.
         decisions: One dict per snapshot, aligned with ``snapshots`` (``{}`` for the baseline
             or where none was recorded), as written by the monitor.
-        output_dir: The trainer output folder, searched for ``checkpoint-<step>`` folders.
+        output_dir: The trainer output folder, searched for ``checkpoint-<step>`` folders and a saved
+            model (:meth:`saved_model`).
         trainable_parameters: ``summary["trainable_parameters"]`` when present, else ``None``.
     """
 
@@ -112,12 +127,35 @@ class Run:
                     out.append({"step": snap.step, **o, "value": _float(o.get("value")), "baseline": _float(o.get("baseline"))})
         return out
 
+    # ------------------------------------------------------------------ rewinds
+    def current_snapshots(self) -> list[Snapshot]:
+        """The snapshots less the records a rewind superseded
+        (:func:`~arena_callbacks.measurements.current_records`)."""
+        return current_records(self.snapshots)
+
+    def rewinds(self) -> list[dict[str, Any]]:
+        """One dict per rewind record, in order: ``step`` and the record's ``extra["rewind"]``
+        (``number``, ``mode``, ``alpha`` or ``restored_step``, ``before``, ``after``, ``then``, ...)."""
+        return [{**s.extra.get("rewind", {}), "step": s.step} for s in self.snapshots if s.trigger == "rewind"]
+
     # ------------------------------------------------------------------ sp plane
-    def points(self) -> list[SPPoint]:
-        """The run's stability-plasticity trajectory (:func:`arena_callbacks.sp.trajectory`)."""
+    def points(self, include_superseded: bool = False) -> list[SPPoint]:
+        """The run's stability-plasticity trajectory (:func:`arena_callbacks.sp.trajectory`) over its
+        current records; ``include_superseded=True``: over every record, breaches before a rewind too."""
         from .sp import trajectory
 
-        return list(trajectory(self.snapshots))
+        return list(trajectory(self.snapshots if include_superseded else self.current_snapshots()))
+
+    def operating_record(self) -> Snapshot | None:
+        """The current record the ``operating_point`` rule picks (``None`` without a finite (P, S)).
+
+        After a rewind this is the record of the state it loaded, never the breach before it.
+        """
+        from .sp import operating_point, trajectory
+
+        pairs = [(s, p) for s in self.current_snapshots() for p in trajectory([s])]
+        op = operating_point([p for _, p in pairs], self.config.operating_point)
+        return next((s for s, p in pairs if p is op), None)
 
     # ------------------------------------------------------------------ misc
     @property
@@ -125,12 +163,19 @@ class Run:
         return self.snapshots[0] if self.snapshots else None
 
     @property
+    def final(self) -> Snapshot | None:
+        """The last current record: after a rewind and stop, the state the rewind loaded."""
+        current = self.current_snapshots()
+        return current[-1] if current else None
+
+    @property
     def stop_step(self) -> int | None:
-        """Where a ``stop`` fired: ``summary["stop_step"]``, else the first stopping decision."""
+        """Where training was stopped: ``summary["stop_step"]``, else the first ``stop`` decision or
+        ``rewind`` decision that stopped (a rewind that went on training is not one)."""
         if self.summary.get("stop_step") is not None:
             return int(self.summary["stop_step"])
-        for snap, dec in zip(self.snapshots, self.decisions):
-            if dec.get("action") in ("stop", "rewind"):
+        for i, (snap, dec) in enumerate(zip(self.snapshots, self.decisions)):
+            if dec.get("action") in ("stop", "rewind") and not self._continued(i):
                 return snap.step
         return None
 
@@ -138,10 +183,15 @@ class Run:
     def stop_message(self) -> str | None:
         if self.summary.get("stop_message"):
             return str(self.summary["stop_message"])
-        for dec in self.decisions:
-            if dec.get("action") in ("stop", "rewind"):
+        for i, dec in enumerate(self.decisions):
+            if dec.get("action") in ("stop", "rewind") and not self._continued(i):
                 return str(dec.get("message") or "")
         return None
+
+    def _continued(self, i: int) -> bool:
+        """The record after decision ``i`` is a rewind that went on training (not a stop)."""
+        nxt = self.snapshots[i + 1] if i + 1 < len(self.snapshots) else None
+        return nxt is not None and nxt.trigger == "rewind" and nxt.extra.get("rewind", {}).get("then") == "continue"
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         """``checkpoint-<step>`` folders in the trainer output folder, by step."""
@@ -153,6 +203,23 @@ class Run:
             if m and p.is_dir():
                 found.append((int(m.group(1)), p))
         return sorted(found)
+
+    def base_model(self, folder: Path | None = None) -> str | None:
+        """The pretrained model: ``base_model_name_or_path`` of ``folder``'s ``adapter_config.json``
+        when there is one, else ``summary["base_model"]``, else ``None``."""
+        cfg = folder / "adapter_config.json" if folder is not None else None
+        if cfg is not None and cfg.is_file():
+            try:
+                name = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+            except ValueError:
+                name = None
+            if name:
+                return str(name)
+        return str(self.summary["base_model"]) if self.summary.get("base_model") else None
+
+    def saved_model(self) -> Path | None:
+        """The trainer output folder when it holds a saved adapter or model (``trainer.save_model``)."""
+        return self.output_dir if self.output_dir is not None and has_weights(self.output_dir) else None
 
 
 def _float(v: Any) -> float:

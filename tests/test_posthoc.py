@@ -144,3 +144,40 @@ def test_posthoc_errors(full_run, tmp_path, capsys):
     (out / "arena" / "history.jsonl").rename(empty / "arena" / "history.jsonl")
     assert main(["rewind", str(empty)]) == 2
     assert "no saved weights" in capsys.readouterr().err
+
+
+def test_saved_states_after_a_live_rewind(tmp_path):
+    """A checkpoint saved at a live rewind's step, and the final model of a run that stopped there, hold
+    what the rewind loaded: their candidates say so (no training: a hand-written run)."""
+    from arena_callbacks import Snapshot
+    from arena_callbacks.history import History
+    from arena_callbacks.posthoc import Candidate, _rewound_at, _saved_states, _write_outputs
+    from arena_callbacks.runs import load_run
+
+    out = tmp_path / "run"
+    hist = History(out / "arena" / "history.jsonl")
+    hist.start_file()
+    info = {"number": 1, "at_step": 4, "mode": "path", "alpha": 0.5, "then": "stop"}
+    for snap in (Snapshot(0, {"sp/stability": 1.0}, trigger="baseline"), Snapshot(2, {"sp/stability": 0.9}),
+                 Snapshot(4, {"sp/stability": 0.3}), Snapshot(4, {"sp/stability": 0.95}, trigger="rewind",
+                                                              extra={"rewind": info})):
+        hist.append(snap, None)
+    (out / "arena" / "summary.json").write_text(json.dumps({"final_step": 4, "rewinds": [info]}))
+    for folder in (out / "checkpoint-2", out / "checkpoint-4", out):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+    run = load_run(out)
+    assert [(label, source, step) for label, source, step, _ in _saved_states(run)] == [
+        ("checkpoint-2", "checkpoint", 2), ("checkpoint-4", "checkpoint", 4), ("final", "final", 4)]
+    assert _rewound_at(run) == {4: 1}
+
+    cands = [Candidate("pretrained", "pretrained", 0, 0.0, {"sp/plasticity": 0.0, "sp/stability": 1.0}),
+             Candidate("checkpoint-4", "checkpoint", 4, 1.0, {"sp/plasticity": 0.5, "sp/stability": 0.95}, rewind=1,
+                       chosen=True)]
+    assert cands[1].to_json()["rewind"] == 1 and cands[0].to_json()["rewind"] is None
+    (tmp_path / "rewound").mkdir()
+    _write_outputs(run, tmp_path / "rewound", cands, cands[1], "base", adapter=True)
+    md = (tmp_path / "rewound" / "rewind.md").read_text()
+    assert "| **checkpoint-4 (after rewind 1)** | checkpoint | 4 | 1.0 | 0.5000 | 0.9500 | yes |" in md
+    assert "it holds what that rewind loaded, not the breach recorded before it" in md
+    assert json.loads((tmp_path / "rewound" / "rewind.json").read_text())["candidates"][1]["rewind"] == 1

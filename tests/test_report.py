@@ -300,3 +300,242 @@ def test_report_from_a_real_trainer_run(tokenizer, tmp_path):
     expected = max((c for c in (2, 4) if c <= op.step), default=None)
     if expected is not None:
         assert f"`checkpoint-{expected}`" in md
+
+
+# --------------------------------------------------------------------------- after a rewind
+# (step, trigger, P, S, delta_nll/general); a breach at step 10, then the record of what the rewind loaded.
+# With weight 1 the breach would win the operating point (1.8 + 0.329 = 2.129 > 1.982): it must not.
+REWIND_BUDGET = {"key": "delta_nll/general", "max_rise": 0.5, "action": "rewind"}
+BASE_MODEL = "HuggingFaceTB/SmolLM2-135M"
+
+
+def rewind_info(then="stop", mode="path", restored=None, after=(1.0, 0.982), before=(1.8, 0.329)):
+    info = {"number": 1, "at_step": 10, "mode": mode, "reason": "delta_nll/general rose to 1.2"}
+    if mode == "checkpoint":
+        info["restored_step"] = restored
+    else:
+        info["alpha"] = 0.5
+        info["candidates"] = [{"alpha": a, "layerwise": False, "chosen": a == 0.5} for a in (0.0, 0.5, 1.0)]
+    info.update(before={"plasticity": before[0], "stability": before[1]},
+                after={"plasticity": after[0], "stability": after[1]}, then=then)
+    return info
+
+
+def save_rewind_run(out, points, info, checkpoints=(), saved=None, summary=True):
+    """A run whose history holds a live rewind at step 10: the breach record, then the rewind record.
+
+    ``points``: (step, trigger, P, S, delta_nll/general); ``saved``: "adapter" or "model" files in the
+    output folder (what ``trainer.save_model`` writes); checkpoints get an adapter file each.
+    """
+    cfg = MonitorConfig.from_dict({"budgets": [REWIND_BUDGET], "operating_point": {"weight": 1.0}})
+    hist = History(out / "arena" / "history.jsonl")
+    hist.start_file()
+    snaps, stop = [], None
+    for step, trigger, p, s, d in points:
+        m = {"sp/plasticity": p, "sp/stability": s, "retention/general": s, "delta_nll/general": d,
+             "target/nll": 2.0 - p}
+        extra = {"rewind": info} if trigger == "rewind" else {}
+        snap = Snapshot(step, m, epoch=step / 10, trigger=trigger, extra=extra)
+        dec = evaluate_budgets(cfg.budgets, snap, snaps) if trigger == "step" else None
+        if dec is not None and dec.action is not None and dec.action.value == "rewind":
+            assert step == 10
+            if info["then"] == "stop":
+                stop = dec
+        hist.append(snap, dec)
+        snaps.append(snap)
+    if summary:
+        data = {"stopped": stop is not None, "stop_step": stop.step if stop else None,
+                "stop_message": stop.message if stop else None, "probes": {"general": "text", "target": "completion"},
+                "baseline": snaps[0].to_json()["metrics"], "final_step": snaps[-1].step,
+                "final": snaps[-1].to_json()["metrics"], "base_model": BASE_MODEL, "rewinds": [info],
+                "config": cfg.model_dump(mode="json")}
+        (out / "arena" / "summary.json").write_text(json.dumps(data), encoding="utf-8")
+    for c in checkpoints:
+        (out / f"checkpoint-{c}").mkdir(parents=True)
+        (out / f"checkpoint-{c}" / "adapter_model.safetensors").write_bytes(b"")
+    if saved == "adapter":
+        (out / "adapter_model.safetensors").write_bytes(b"")
+        (out / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": BASE_MODEL}))
+    elif saved == "model":
+        (out / "model.safetensors").write_bytes(b"")
+    return snaps
+
+
+STOPPED = [(0, "baseline", 0.0, 1.0, 0.0), (5, "step", 0.6, 0.95, 0.1), (10, "step", 1.8, 0.329, 1.2),
+           (10, "rewind", 1.0, 0.982, 0.03)]
+CONTINUED = [*STOPPED, (15, "step", 1.1, 0.7, 0.4), (20, "step", 1.2, 0.6, 0.45)]
+
+
+@pytest.fixture
+def rewound_run(tmp_path):
+    out = tmp_path / "rewound"
+    snaps = save_rewind_run(out, STOPPED, rewind_info(), saved="adapter")
+    return out, snaps
+
+
+def test_superseded_records_rule():
+    from arena_callbacks.measurements import current_records, superseded
+
+    snaps = [Snapshot(s, {}, trigger=t) for s, t, *_ in CONTINUED]
+    assert superseded(snaps) == [2]
+    assert [(s.step, s.trigger) for s in current_records(snaps)] == [
+        (0, "baseline"), (5, "step"), (10, "rewind"), (15, "step"), (20, "step")]
+    assert all(a is b for a, b in zip(current_records(snaps), [snaps[i] for i in (0, 1, 3, 4, 5)]))
+    # Only the records just before a rewind at its own step: a step measured again after a resume stays.
+    again = [Snapshot(0, {}, trigger="baseline"), Snapshot(10, {}), Snapshot(5, {}, trigger="baseline"),
+             Snapshot(10, {}), Snapshot(10, {}, trigger="rewind")]
+    assert superseded(again) == [3] and superseded(again[:4]) == []
+
+
+def test_load_run_after_a_rewind(rewound_run):
+    from arena_callbacks.sp import SPPoint
+
+    out, snaps = rewound_run
+    run = load_run(out)
+    assert run.snapshots == snaps  # every record is still there, the breach too
+    assert [(s.step, s.trigger) for s in run.current_snapshots()] == [(0, "baseline"), (5, "step"), (10, "rewind")]
+    assert run.final is run.snapshots[3] and run.operating_record() is run.snapshots[3]
+    assert run.points() == [SPPoint(0, 0.0, 1.0), SPPoint(5, 0.6, 0.95), SPPoint(10, 1.0, 0.982)]
+    assert run.points(include_superseded=True)[2] == SPPoint(10, 1.8, 0.329)
+    assert run.rewinds() == [{**rewind_info(), "step": 10}]
+    assert run.saved_model() == out and run.base_model(out) == BASE_MODEL
+    assert run.stop_step == 10
+
+
+def test_plots_after_a_rewind(rewound_run, tmp_path):
+    from arena_callbacks.sp import SPPoint
+
+    run = load_run(rewound_run[0])
+    t = plot_trajectory(run, tmp_path / "t.png")
+    assert t["steps"] == [0, 5, 10, 10]  # the breach is drawn...
+    assert t["rewinds"] == [(SPPoint(10, 1.8, 0.329), SPPoint(10, 1.0, 0.982))]
+    assert t["superseded"] == [SPPoint(10, 1.8, 0.329)]
+    # ...but is neither the operating point (it would win, 2.129 > 1.982) nor on the frontier.
+    assert t["operating_point"] == SPPoint(10, 1.0, 0.982)
+    assert [(p.step, p.stability) for p in t["frontier"]] == [(0, 1.0), (10, 0.982)]
+
+    r = plot_retention(run, tmp_path / "r.png")
+    assert r["steps"] == [0, 5, 10, 10]
+    assert r["retention"]["retention/general"] == [1.0, 0.95, 0.329, 0.982]  # the jump at the rewind step
+    assert r["rewinds"] == [{"step": 10, "index": 3, "number": 1, "mode": "path", "alpha": 0.5, "restored_step": None,
+                             "then": "stop", "label": "rewind 1 → α = 0.5, then stop"}]
+    assert r["stop_step"] == 10 and (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_report_after_a_rewind(rewound_run):
+    out, _ = rewound_run
+    md = write_report(load_run(out), out / "report").read_text()
+    assert "| metric | baseline (step 0) | final (step 10, after rewind 1) | best (step 10, after rewind 1) |" in md
+    assert "| `sp/stability` | 1.0000 | 0.9820 | 0.9820 |" in md  # not the breach's 0.3290
+    assert "| `sp/plasticity` | 0.0000 | 1.0000 | 1.0000 |" in md
+    assert "| `delta_nll/general` | 0.0000 | 0.0300 | 0.0300 |" in md
+    assert ("Best (operating) point: step 10 after rewind 1 (the state it loaded, α = 0.5), P = 1.0000, S = 0.9820 "
+            "(rule: max of 1·P + S).") in md
+    assert "At step 10 rewind 1 replaced the breach measured there (P = 1.8000, S = 0.3290)" in md
+    assert "- Rewind 1 at step 10 (path): loaded α = 0.5 (P 1.800 → 1.000; S 0.329 → 0.982); then stop." in md
+    assert "- Probe steps: 3 (baseline at step 0, last at step 10); 1 more record replaced by a rewind" in md
+    assert "| 10 | delta_nll/general | `delta_nll/general` | 1.2000 | 0.0000 | patience_exhausted | rewind |" in md
+    assert "- step 10: **rewind** — delta_nll/general rose to 1.2" in md
+    assert "Step 10 after rewind 1 (the operating point: the state the rewind loaded, α = 0.5)." in md
+    assert (f"The model saved in `{out}` is this rewound state (rewind 1 at step 10, α = 0.5): load it with "
+            f"`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{BASE_MODEL}'), '{out}')`.") in md
+    assert "no `checkpoint-<step>` folders found" not in md
+
+
+def test_report_after_a_rewind_that_went_on(tmp_path):
+    out = tmp_path / "went-on"
+    save_rewind_run(out, CONTINUED, rewind_info(then="continue"), checkpoints=(10, 20), saved="model")
+    run = load_run(out)
+    assert run.stop_step is None and run.final.step == 20
+    assert run.operating_record() is run.snapshots[3]
+    md = write_report(run, out / "report").read_text()
+    assert "| metric | baseline (step 0) | final (step 20) | best (step 10, after rewind 1) |" in md
+    assert "| `sp/stability` | 1.0000 | 0.6000 | 0.9820 |" in md
+    assert f"The model saved in `{out}` is the final state (step 20), not this one" in md
+    assert f"`checkpoint-10` (`{out / 'checkpoint-10'}`) holds this rewound state" in md
+    r = plot_retention(run, tmp_path / "r.png")
+    assert r["stop_step"] is None and r["rewinds"][0]["label"] == "rewind 1 → α = 0.5"
+    # Without summary.json (a run still going) a rewind that went on is no stop either.
+    (out / "arena" / "summary.json").unlink()
+    assert load_run(out).stop_step is None
+
+
+def test_report_after_a_checkpoint_rewind(tmp_path):
+    # A checkpoint rewind re-measures the restored state: a little noise can make it the operating point.
+    out = tmp_path / "ckpt"
+    points = [*STOPPED[:3], (10, "rewind", 0.6, 0.951, 0.09)]
+    save_rewind_run(out, points, rewind_info(mode="checkpoint", restored=5, after=(0.6, 0.951)), checkpoints=(5,))
+    run = load_run(out)
+    md = write_report(run, out / "report").read_text()
+    assert "Step 10 after rewind 1 (the operating point: the state the rewind loaded, step 5)." in md
+    assert f"`checkpoint-5` (`{out / 'checkpoint-5'}`) holds the same weights: the rewind restored the state of step 5." in md
+    assert plot_retention(run, tmp_path / "r.png")["rewinds"][0]["label"] == "rewind 1 → step 5, then stop"
+
+
+def test_compare_after_a_rewind(rewound_run, run_b, tmp_path):
+    runs = [load_run(rewound_run[0]), load_run(run_b)]
+    row = compare_table(runs)[0]
+    assert (row["final_step"], row["gain_final"], row["gain_best"], row["retention_final"]) == (10, 1.0, 1.0, 0.982)
+    assert (row["operating_step"], row["operating_rewind"], row["rewinds"]) == (10, 1, 1)
+    assert row["frontier_area"] == pytest.approx(1.0 * 0.982)  # the breach (1.8, 0.329) adds nothing
+    assert compare_table(runs)[1]["operating_rewind"] is None
+    data = plot_compare(runs, tmp_path / "p.png")
+    assert data["rewound"]["x"] == [0.0, 0.6, 1.0] and data["rewound"]["y"] == [1.0, 0.95, 0.982]
+    md = compare_runs(runs, tmp_path / "cmp").read_text()
+    assert "| rewound | 1.0000 | 1.0000 | 0.9820 | n/a | 0.9820 | 10 (after rewind 1) |" in md
+    assert "After a rewind the state it loaded counts for its step" in md
+
+
+def test_report_from_a_real_run_that_rewound(tokenizer, tmp_path):
+    """A real path rewind then stop: the report's final record and recommendation are what was loaded."""
+    import torch
+    from helpers import TARGET_TEXT, corpus, pretrained_model
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    from arena_callbacks import ForgettingMonitor
+
+    monitor = ForgettingMonitor(
+        {"cadence": {"every_n_steps": 2}, "probe": {"batch_size": 8, "max_length": 64},
+         "budgets": [{"key": "delta_nll/general", "max_rise": 0.3, "action": "rewind"}],
+         "operating_point": {"weight": 1.0}, "rewind": {"mode": "path", "then": "stop", "alphas": [0.5]}},
+        probes={"general": [{"text": s} for s in corpus(16, seed=7)]},
+        target=[{"prompt": "one two three", "completion": " four five six"}],
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2, report_to=[],
+        save_strategy="steps", save_steps=100, use_cpu=True, seed=0, lr_scheduler_type="constant",
+    )
+    trainer = Trainer(
+        model=pretrained_model(), args=args, train_dataset=[tokenizer(TARGET_TEXT) for _ in range(64)],
+        processing_class=tokenizer, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[monitor],
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path))
+    assert len(monitor.rewinds) == 1, "the budget is meant to break by the first probe steps"
+    step = monitor.rewinds[0]["at_step"]
+    run = load_run(tmp_path)
+    loaded = monitor.history.snapshots[-1]
+    assert loaded.trigger == "rewind" and run.final == loaded and run.rewinds()[0]["alpha"] == monitor.rewinds[0]["alpha"]
+    assert [c for c, _ in run.checkpoints()] == [step]  # saved at the rewind, not by save_steps
+    md = write_report(run, tmp_path / "report").read_text()
+    assert f"| final (step {step}, after rewind 1) |" in md
+    # Here (seed 0) the breach at step 2 learned the target at a stability of ~0.64 and α = 0.5 keeps it at ~0.9.
+    assert run.operating_record() is run.final
+    assert f"best (step {step}, after rewind 1) |" in md
+    assert (f"The model saved in `{tmp_path}` is this rewound state (rewind 1 at step {step}, "
+            f"α = {monitor.rewinds[0]['alpha']:g}): load it with `AutoModelForCausalLM.from_pretrained('{tmp_path}')`") in md
+    assert f"`checkpoint-{step}` (`{tmp_path / f'checkpoint-{step}'}`) holds this rewound state" in md
+    # ...and it does: the checkpoint and the saved model hold the same (rewound) weights.
+    ckpt = AutoModelForCausalLM.from_pretrained(tmp_path / f"checkpoint-{step}").state_dict()
+    final = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(ckpt[k], final[k]) for k in final)
+    assert plot_retention(run, tmp_path / "r.png")["rewinds"][0]["label"].startswith("rewind 1 → α = ")
+
+
+def test_report_names_the_saved_model_when_it_is_the_operating_point(run_b, tmp_path):
+    (run_b / "model.safetensors").write_bytes(b"")  # trainer.save_model of a full finetune; step 6 is final and best
+    md = write_report(load_run(run_b), tmp_path / "rep").read_text()
+    assert "Step 6 (the operating point); no `checkpoint-<step>` folders found" in md
+    assert (f"The model saved in `{run_b}` is this state (the final one): load it with "
+            f"`AutoModelForCausalLM.from_pretrained('{run_b}')`.") in md
