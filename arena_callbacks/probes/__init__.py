@@ -36,9 +36,9 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .config import ProbeSettings
-from .distributed import DistContext
-from .exceptions import ProbeDataError
+from ..config import ProbeSettings
+from ..distributed import DistContext
+from ..exceptions import ProbeDataError
 
 __all__ = ["Probe", "ProbeFailure", "ProbeKind", "ProbeResult", "ProbeRunner", "ProbeSet", "load_rows"]
 
