@@ -1,12 +1,11 @@
 import json
-import math
 
 import pytest
 import torch
+from helpers import corpus, make_model
 
 from arena_callbacks import Probe, ProbeDataError, ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks.probes import load_rows
-from helpers import corpus, make_model
 
 TEXT = [{"text": s} for s in corpus(7, seed=3)]
 MC = [
@@ -83,7 +82,7 @@ def test_completion_exact_match_by_hand(tokenizer, model):
 
 def test_exact_match_is_one_when_the_model_predicts_the_answer(tokenizer):
     """A model whose logits always favour the next gold token gets EM = 1 (known case)."""
-    ids, start = pair(tokenizer, COMP[0]["prompt"], COMP[0]["completion"])
+    ids, _start = pair(tokenizer, COMP[0]["prompt"], COMP[0]["completion"])
 
     class Oracle(torch.nn.Module):
         def __init__(self):

@@ -15,12 +15,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import corpus, make_model, sampled_activations
 
-import arena_callbacks.probes as P
+import arena_callbacks.probes.forward as probe_forward
 from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks.capture import ActivationCapture, resolve_modules
 from arena_callbacks.distributed import DistContext
-from helpers import corpus, make_model, sampled_activations
+from arena_callbacks.probes import PlanOptions
+from arena_callbacks.probes.forward import Forwarder
+from arena_callbacks.probes.plan import pack_rows, pack_width, shared_prefix, tree_width
+from arena_callbacks.probes.tokenize import Seq
 
 # Contexts of 28-44 tokens, above the sharing threshold.
 CONTEXTS = [" ".join(corpus(2, seed=i)) for i in range(7)]
@@ -39,9 +43,13 @@ COMPLETION = [{"prompt": " ".join(corpus(1, seed=i)), "completion": " " + " ".jo
               for i in range(5)]
 
 
-def build(tokenizer, settings=None, **probes) -> ProbeRunner:
+MIN_SHARED_PREFIX = PlanOptions().min_shared_prefix
+
+
+def build(tokenizer, settings=None, options=None, **probes) -> ProbeRunner:
     settings = settings or ProbeSettings(batch_size=3)
-    r = ProbeRunner({n: ProbeSet.build(n, d, settings) for n, d in probes.items()}, settings)
+    r = ProbeRunner({n: ProbeSet.build(n, d, settings) for n, d in probes.items()}, settings,
+                    options=options or PlanOptions())
     r.prepare(tokenizer)
     return r
 
@@ -92,7 +100,7 @@ def count_forwards(model) -> tuple[list[list[int]], object]:
 def test_one_token_choices_are_one_token(tokenizer):
     r = build(tokenizer, mc=SINGLE)
     assert all(len(s.ids) - s.start == 1 for s in r.sequences("mc"))
-    assert all(P._shared_prefix([s for s in r.sequences("mc") if s.example == i]) >= P._MIN_SHARED_PREFIX
+    assert all(shared_prefix([s for s in r.sequences("mc") if s.example == i]) >= MIN_SHARED_PREFIX
                for i in range(len(SINGLE)))
 
 
@@ -100,23 +108,28 @@ _REFERENCES: dict[str, dict] = {}
 
 
 @pytest.fixture(params=["tree", "continuation"])
-def shared_path(request, monkeypatch) -> str:
-    """Both ways a shared context runs once: tree rows (default with 4D masks) and cached continuations."""
-    monkeypatch.setattr(P, "_TREE_ROWS", request.param == "tree")
+def shared_path(request) -> str:
+    """Both ways a shared context runs once: tree rows (default with 4D masks) and cached
+    continuations (see ``options``)."""
     return request.param
 
 
 @pytest.fixture(params=[True, False], ids=["packed", "one-per-row"])
-def packing(request, monkeypatch) -> bool:
+def packing(request) -> bool:
     """Both row layouts of a full forward: several units per row (default with 4D masks) and one."""
-    monkeypatch.setattr(P, "_PACK_ROWS", request.param)
     return request.param
+
+
+def options(shared_path: str = "tree", packing: bool = True) -> PlanOptions:
+    """The plan options of a shared path and a row layout (the defaults: tree rows, packed)."""
+    return PlanOptions(tree_rows=shared_path == "tree", pack_rows=packing)
 
 
 @pytest.mark.parametrize("kind, batch_size", [("llama", 2), ("llama", 16), ("gpt2", 3)])
 def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batch_size, shared_path, packing):
     model = make_model(vocab_size=len(tokenizer), kind=kind)
-    r = build(tokenizer, ProbeSettings(batch_size=batch_size), mc=MULTI, one=SINGLE, text=[{"text": c} for c in CONTEXTS])
+    r = build(tokenizer, ProbeSettings(batch_size=batch_size), options(shared_path, packing), mc=MULTI, one=SINGLE,
+              text=[{"text": c} for c in CONTEXTS])
     plan = r._batches(DistContext())
     if shared_path == "tree":
         assert any(b.trees for b in plan) and not any(b.conts for b in plan), "the tree path was not taken"
@@ -138,7 +151,7 @@ def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batc
             assert b.n_rows <= batch_size
             continue
         assert len(b.packs) <= batch_size
-        assert max(P._pack_width(pk) for pk in b.packs) <= max(len(s.ids) for s in full.seqs)
+        assert max(pack_width(pk) for pk in b.packs) <= max(len(s.ids) for s in full.seqs)
     # The aggregate follows from the same numbers.
     for name, rows in (("mc", MULTI), ("one", SINGLE)):
         correct = sum(
@@ -149,11 +162,10 @@ def test_shared_contexts_give_the_unpadded_log_likelihoods(tokenizer, kind, batc
         assert results[name].score == correct / len(rows)
 
 
-def test_shared_and_plain_paths_agree(tokenizer, model, monkeypatch):
+def test_shared_and_plain_paths_agree(tokenizer, model):
     shared = build(tokenizer, ProbeSettings(batch_size=4), mc=MULTI, one=SINGLE)
     a = shared.run(model)
-    monkeypatch.setattr(P, "_MIN_SHARED_PREFIX", 10**9)
-    plain = build(tokenizer, ProbeSettings(batch_size=4), mc=MULTI, one=SINGLE)
+    plain = build(tokenizer, ProbeSettings(batch_size=4), PlanOptions(min_shared_prefix=10**9), mc=MULTI, one=SINGLE)
     assert not any(b.conts for b in plain._batches(DistContext()))
     b = plain.run(model)
     for k in a:
@@ -173,25 +185,24 @@ def test_one_token_choices_run_one_forward_per_batch_of_questions(tokenizer, mod
     assert_scores_close(r.last_scores, reference(model, r))
 
 
-def run_multi_counting(tokenizer, model):
+def run_multi_counting(tokenizer, model, opts=None):
     """MULTI in one batch of 16: (runner, real tokens per row of each forward, sequences, shared prefix per row)."""
-    r = build(tokenizer, ProbeSettings(batch_size=16), mc=MULTI)
+    r = build(tokenizer, ProbeSettings(batch_size=16), opts, mc=MULTI)
     seen, handle = count_forwards(model)
     r.run(model)
     handle.remove()
     seqs = r.sequences("mc")
-    prefix = {i: P._shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
+    prefix = {i: shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
     return r, seen, seqs, prefix
 
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_continuation_forwards_carry_only_the_tokens_after_the_context(tokenizer, model, monkeypatch, packed):
-    monkeypatch.setattr(P, "_TREE_ROWS", False)
     if not packed:  # an attention implementation that takes no 4D mask: one continuation per row
-        for_model = P._Forwarder.for_model
-        monkeypatch.setattr(P._Forwarder, "for_model", classmethod(
+        for_model = Forwarder.for_model
+        monkeypatch.setattr(Forwarder, "for_model", classmethod(
             lambda cls, *a: dataclasses.replace(for_model(*a), mask_format=None)))
-    r, seen, seqs, prefix = run_multi_counting(tokenizer, model)
+    r, seen, seqs, prefix = run_multi_counting(tokenizer, model, options("continuation"))
     first, conts = seen[0], seen[1:]
     assert len(conts) == 1  # 7 rows, one batch: one continuation forward
     assert sorted(first) == sorted(len(s.ids) - 1 for s in seqs if s.choice == 0)
@@ -218,9 +229,9 @@ def test_tree_rows_run_context_and_choices_in_one_forward(tokenizer, model):
 
 def test_tree_rows_longer_than_max_length_take_the_continuation_path(tokenizer, model):
     seqs = build(tokenizer, mc=MULTI).sequences("mc")
-    prefix = {i: P._shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
-    tree = {i: P._tree_width(next(s for s in seqs if s.example == i and s.choice == 0), prefix[i],
-                             [s for s in seqs if s.example == i and s.choice]) for i in prefix}
+    prefix = {i: shared_prefix([s for s in seqs if s.example == i]) for i in range(len(MULTI))}
+    tree = {i: tree_width(next(s for s in seqs if s.example == i and s.choice == 0), prefix[i],
+                          [s for s in seqs if s.example == i and s.choice]) for i in prefix}
     cap = sorted(tree.values())[3]  # some trees fit, the others do not
     longest = max(len(s.ids) for s in seqs)
     r = build(tokenizer, ProbeSettings(batch_size=4, max_length=max(cap, longest)), mc=MULTI)
@@ -239,14 +250,15 @@ def test_eager_attention_takes_an_additive_packed_mask(tokenizer, shared_path):
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
-    assert P._Forwarder.for_model(model, 0).mask_format == "additive"
-    r = build(tokenizer, ProbeSettings(batch_size=4), mc=MULTI)
+    assert Forwarder.for_model(model, 0).mask_format == "additive"
+    r = build(tokenizer, ProbeSettings(batch_size=4), options(shared_path), mc=MULTI)
     r.run(model)
     assert_scores_close(r.last_scores, reference(model, r))
 
 
-def packed_runner(tokenizer, batch_size: int) -> ProbeRunner:
-    return build(tokenizer, ProbeSettings(batch_size=batch_size), text=VARIED, short=SHORT, mc=MULTI, done=COMPLETION)
+def packed_runner(tokenizer, batch_size: int, opts: PlanOptions | None = None) -> ProbeRunner:
+    return build(tokenizer, ProbeSettings(batch_size=batch_size), opts, text=VARIED, short=SHORT, mc=MULTI,
+                 done=COMPLETION)
 
 
 @pytest.mark.parametrize("kind, batch_size", [("llama", 2), ("llama", 16), ("gpt2", 3)])
@@ -266,30 +278,28 @@ def test_packed_rows_give_the_unpadded_log_likelihoods(tokenizer, kind, batch_si
     assert len(seen) == len(plan)
     assert_scores_close(r.last_scores, reference(model, r))
     # Fewer forwards than one unit per row, and the same results.
-    plain = packed_runner(tokenizer, batch_size)
+    plain = packed_runner(tokenizer, batch_size, PlanOptions(pack_rows=False))
     assert len(plan) < len(plain._batches(DistContext(), packed=False)) or batch_size == 16
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(P, "_PACK_ROWS", False)
-        want = plain.run(model)
+    want = plain.run(model)
     for name, res in results.items():
         assert (res.score, res.examples, res.tokens) == (want[name].score, want[name].examples, want[name].tokens)
         assert res.nll == pytest.approx(want[name].nll, rel=1e-6)
 
 
 def test_pack_rows_best_fit_longest_first():
-    seqs = [P._Seq(tuple(range(n)), 1, i, 0) for i, n in enumerate([10, 7, 6, 4, 3, 3, 2, 1])]
-    rows = P._pack_rows(seqs, lambda s: len(s.ids), solo={4})
+    seqs = [Seq(tuple(range(n)), 1, i, 0) for i, n in enumerate([10, 7, 6, 4, 3, 3, 2, 1])]
+    rows = pack_rows(seqs, lambda s: len(s.ids), solo={4})
     assert sorted(s.example for row in rows for s in row) == list(range(8))  # each unit once
     fills = [sum(len(s.ids) for s in row) for row in rows]
     assert max(fills) == 10 and fills == sorted(fills, reverse=True)
     assert [s.example for s in next(row for row in rows if any(s.example == 4 for s in row))] == [4]  # alone
     # Best fit: 6 + 4, 7 + 3 (example 5; 4 is solo), and 2 + 1 in a new row.
     assert sorted(sorted(s.example for s in row) for row in rows) == [[0], [1, 5], [2, 3], [4], [6, 7]]
-    assert P._pack_rows([], len, ()) == []
+    assert pack_rows([], len, ()) == []
     # Many units of random lengths: within 5% of the fewest rows possible, none over the longest.
     rng = __import__("random").Random(0)
-    many = sorted((P._Seq(tuple(range(rng.randint(10, 256))), 1, i, 0) for i in range(2000)), key=lambda s: -len(s.ids))
-    rows = P._pack_rows(many, lambda s: len(s.ids), ())
+    many = sorted((Seq(tuple(range(rng.randint(10, 256))), 1, i, 0) for i in range(2000)), key=lambda s: -len(s.ids))
+    rows = pack_rows(many, lambda s: len(s.ids), ())
     assert sorted(s.example for row in rows for s in row) == list(range(2000))
     assert max(sum(len(s.ids) for s in row) for row in rows) <= len(many[0].ids)
     assert len(rows) <= 1.05 * math.ceil(sum(len(s.ids) for s in many) / len(many[0].ids))
@@ -297,7 +307,7 @@ def test_pack_rows_best_fit_longest_first():
 
 def test_short_contexts_run_whole_sequences(tokenizer, model):
     r = build(tokenizer, mc=SHORT)
-    assert P._shared_prefix(r.sequences("mc")) < P._MIN_SHARED_PREFIX
+    assert shared_prefix(r.sequences("mc")) < MIN_SHARED_PREFIX
     seen, handle = count_forwards(model)
     r.run(model)
     handle.remove()
@@ -317,10 +327,9 @@ def test_truncated_rows_that_share_no_prefix(tokenizer, model):
 
 
 def test_unusable_cache_falls_back_to_whole_sequences_in_as_many_forwards(tokenizer, model, monkeypatch):
-    monkeypatch.setattr(P, "_TREE_ROWS", False)
-    r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI)
+    r = build(tokenizer, ProbeSettings(batch_size=3), options("continuation"), mc=MULTI)
     n_plan = len(r._batches(DistContext()))
-    monkeypatch.setattr(P, "_cache_fits", lambda *a: False)
+    monkeypatch.setattr(probe_forward, "_cache_fits", lambda *a: False)
     seen, handle = count_forwards(model)
     r.run(model)
     handle.remove()
@@ -352,10 +361,10 @@ def test_models_without_masked_logits_or_cache(tokenizer, model, monkeypatch, va
     want = reference(model, r)
     target = model
     if variant == "logits_to_keep as last positions":
-        monkeypatch.setattr(P, "_mask_keep_supported", lambda: False)
+        monkeypatch.setattr(probe_forward, "_mask_keep_supported", lambda: False)
     else:
         target = _Plain(model, cache=variant != "no cache")
-    fwd = P._Forwarder.for_model(target, 0)
+    fwd = Forwarder.for_model(target, 0)
     assert fwd.keep == {"logits_to_keep as last positions": "tail"}.get(variant, "none")
     assert (fwd.cache_arg is None) == (variant == "no cache")
     r.run(target)
@@ -376,7 +385,7 @@ def test_forward_only_runs_each_shared_context_once(tokenizer, model):
 
 def test_capture_on_a_shared_multiple_choice_probe_equals_direct_outputs(tokenizer, model, shared_path):
     """Geometry rides on choice 0 of each row, which runs in full: capture is unchanged."""
-    r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI)
+    r = build(tokenizer, ProbeSettings(batch_size=3), options(shared_path), mc=MULTI)
     plan = r._batches(DistContext())
     assert any(b.trees for b in plan) if shared_path == "tree" else any(b.conts for b in plan)
     mods = resolve_modules(model, ["layers.1.mlp.down_proj", "final_norm"])
@@ -411,10 +420,10 @@ def test_capture_on_packed_rows_equals_direct_outputs(tokenizer, model, forward_
 
 def test_peft_model_continues_from_the_cache_with_and_without_adapters(tokenizer, model, shared_path):
     peft = pytest.importorskip("peft")
-    r = build(tokenizer, ProbeSettings(batch_size=4), mc=MULTI)
+    r = build(tokenizer, ProbeSettings(batch_size=4), options(shared_path), mc=MULTI)
     base = reference(model, r)
     pm = peft.get_peft_model(make_model(vocab_size=len(tokenizer)), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    assert P._Forwarder.for_model(pm, 0).cache_arg is not None
+    assert Forwarder.for_model(pm, 0).cache_arg is not None
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_B" in name:
@@ -444,7 +453,7 @@ class _TwoRanks(DistContext):
 
 
 def test_ranks_split_rows_and_run_as_many_forwards(tokenizer, model, shared_path):
-    r = build(tokenizer, ProbeSettings(batch_size=3), mc=MULTI, one=SINGLE)
+    r = build(tokenizer, ProbeSettings(batch_size=3), options(shared_path), mc=MULTI, one=SINGLE)
     plans = [r._batches(DistContext(rank=k, world_size=2)) for k in range(2)]
     n_total = max(len(p) for p in plans)
     assert len(plans[0]) > len(plans[1])  # uneven: rank 1 replays filler forwards

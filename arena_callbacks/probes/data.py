@@ -1,0 +1,182 @@
+"""Probe data: the three kinds, loading rows, validation, and :class:`Probe` / :class:`ProbeSet`.
+
+Three kinds (the probes of docs/design.md), told apart by their fields unless named explicitly:
+
+* ``text``: ``{"text": ...}``: mean token negative log-likelihood.
+* ``multiple_choice``: ``{"context"|"question": ..., "choices": [...], "answer"|"label": i}``:
+  log-likelihood ranking of the choices, accuracy; NLL of the correct choice.
+* ``completion``: ``{"prompt": ..., "completion": ...}``: teacher-forced exact match of the
+  answer span (every answer token is the greedy prediction) and answer NLL.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import ProbeSettings
+from ..exceptions import ProbeDataError
+
+ProbeKind = Literal["text", "multiple_choice", "completion"]
+KINDS: tuple[str, ...] = ("text", "multiple_choice", "completion")
+CONTEXT_FIELDS = ("context", "question")
+ANSWER_FIELDS = ("answer", "label")
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A probe set with explicit options, for when field-based inference is not enough.
+
+    Args:
+        data: A ``datasets.Dataset``, a list of dicts, or a path to a JSONL (or JSON list) file.
+        kind: ``text``, ``multiple_choice`` or ``completion``; inferred from the fields if ``None``.
+        signal: What ``retention/<name>`` follows for scored kinds: ``score`` (accuracy or exact
+            match relative to baseline) or ``nll`` (``exp(-ΔNLL)``). Text probes always use NLL.
+
+    Example:
+        >>> Probe([{"prompt": "2+2=", "completion": "4"}], signal="nll").kind is None
+        True
+    """
+
+    data: Any
+    kind: ProbeKind | None = None
+    signal: Literal["score", "nll"] = "score"
+
+
+def load_rows(data: Any, name: str) -> list[dict[str, Any]]:
+    """Rows of a probe as plain dicts, from a Dataset, a list of dicts or a JSON(L) path."""
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise ProbeDataError(f"probe {name!r}: file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            rows = json.loads(text)
+            if not isinstance(rows, list):
+                raise ProbeDataError(f"probe {name!r}: {path} must hold a JSON list of objects")
+        else:
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ProbeDataError(f"probe {name!r}: {path} line {lineno} is not valid JSON: {e.msg}") from None
+    elif hasattr(data, "to_list") and hasattr(data, "column_names"):  # datasets.Dataset
+        rows = data.to_list()
+    elif isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
+        rows = list(data)
+    else:
+        raise ProbeDataError(
+            f"probe {name!r}: expected a datasets.Dataset, a list of dicts or a path to a JSONL file, "
+            f"got {type(data).__name__}"
+        )
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ProbeDataError(f"probe {name!r}, row {i}: expected a dict, got {type(row).__name__}")
+    return [dict(r) for r in rows]
+
+
+def _infer_kind(rows: list[dict[str, Any]], name: str) -> str:
+    first = rows[0]
+    if "choices" in first:
+        return "multiple_choice"
+    if "prompt" in first and "completion" in first:
+        return "completion"
+    if "text" in first:
+        return "text"
+    raise ProbeDataError(
+        f"probe {name!r}, row 0: cannot tell the probe kind from fields {sorted(first)}; expected 'text' "
+        "(text), 'context'/'question' + 'choices' + 'answer' (multiple_choice) or 'prompt' + 'completion' "
+        "(completion), or pass Probe(data, kind=...)"
+    )
+
+
+def first_field(row: dict[str, Any], names: Sequence[str]) -> tuple[str | None, Any]:
+    # None counts as absent: a datasets.Dataset fills columns a row lacks with None.
+    for n in names:
+        if row.get(n) is not None:
+            return n, row[n]
+    return None, None
+
+
+@dataclass
+class ProbeSet:
+    """A validated probe: its name, kind, signal and the rows it will use."""
+
+    name: str
+    kind: str
+    rows: list[dict[str, Any]]
+    row_ids: list[int]
+    signal: str = "score"
+
+    @classmethod
+    def build(cls, name: str, data: Any, settings: ProbeSettings) -> ProbeSet:
+        """Load, sample (seeded, ``max_examples``) and validate a probe's rows."""
+        if not isinstance(name, str) or not name or "/" in name or name != name.strip():
+            raise ProbeDataError(f"probe name {name!r}: use a non-empty name without '/' or surrounding spaces")
+        kind, signal = None, "score"
+        if isinstance(data, Probe):
+            kind, signal, data = data.kind, data.signal, data.data
+        if kind is not None and kind not in KINDS:
+            raise ProbeDataError(f"probe {name!r}: kind {kind!r} is not one of {list(KINDS)}")
+        if signal not in ("score", "nll"):
+            raise ProbeDataError(f"probe {name!r}: signal {signal!r} is not one of ['score', 'nll']")
+        rows = load_rows(data, name)
+        if not rows:
+            raise ProbeDataError(f"probe {name!r}: the probe set is empty; give it at least one row")
+        kind = kind or _infer_kind(rows, name)
+        ids = list(range(len(rows)))
+        if settings.max_examples is not None and len(rows) > settings.max_examples:
+            ids = sorted(random.Random(settings.seed).sample(ids, settings.max_examples))
+        chosen = [rows[i] for i in ids]
+        for i, row in zip(ids, chosen):
+            _validate_row(name, kind, i, row)
+        return cls(name=name, kind=kind, rows=chosen, row_ids=ids, signal="nll" if kind == "text" else signal)
+
+    @property
+    def scored(self) -> bool:
+        return self.kind != "text"
+
+
+def _present(row: dict[str, Any]) -> list[str]:
+    return sorted(k for k, v in row.items() if v is not None)
+
+
+def _validate_row(name: str, kind: str, i: int, row: dict[str, Any]) -> None:
+    def fail(msg: str) -> None:
+        raise ProbeDataError(f"probe {name!r} ({kind}), row {i}: {msg}")
+
+    def need_text(field_name: str | None, value: Any, what: str) -> None:
+        if field_name is None:
+            fail(f"missing field {what}; fields present: {_present(row)}")
+        if not isinstance(value, str) or not value.strip():
+            fail(f"field {field_name!r} must be a non-empty string, got {value!r:.60}")
+
+    if kind == "text":
+        need_text(*first_field(row, ["text"]), "'text'")
+    elif kind == "completion":
+        need_text(*first_field(row, ["prompt"]), "'prompt'")
+        need_text(*first_field(row, ["completion"]), "'completion'")
+    else:
+        f_ctx, ctx = first_field(row, CONTEXT_FIELDS)
+        need_text(f_ctx, ctx, "'context' (or 'question')")
+        choices = row.get("choices")
+        if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+            fail(f"field 'choices' must be a list of at least 2 strings, got {choices!r:.80}")
+        for j, c in enumerate(choices):
+            if not isinstance(c, str) or not c.strip():
+                fail(f"choices[{j}] must be a non-empty string, got {c!r:.60}")
+        f_ans, ans = first_field(row, ANSWER_FIELDS)
+        if f_ans is None:
+            fail(f"missing field 'answer' (or 'label'), the index of the correct choice; "
+                 f"fields present: {_present(row)}")
+        if isinstance(ans, bool) or not isinstance(ans, int):
+            fail(f"field {f_ans!r} must be an integer index into 'choices', got {ans!r}")
+        if not 0 <= ans < len(choices):
+            fail(f"field {f_ans!r} = {ans} is out of range for {len(choices)} choices (valid: 0..{len(choices) - 1})")

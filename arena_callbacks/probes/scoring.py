@@ -1,0 +1,128 @@
+"""Scoring: per-sequence sums filled forward by forward, and per-probe results from them.
+
+Every forward adds, per scored sequence, its summed log-probability, its token count and
+whether every token was the greedy prediction (:class:`Scores`). After the pass each rank sums
+its rows per probe (:func:`local_sums`), the sums are all-reduced, and :func:`probe_result`
+turns them into a :class:`ProbeResult`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .data import ANSWER_FIELDS, ProbeSet, first_field
+
+Key = tuple[int, int, int]  # (probe index, example, choice)
+
+
+class SeqScore(NamedTuple):
+    """One scored sequence."""
+
+    nll: float  # summed negative log-likelihood of its scored tokens
+    tokens: int  # scored tokens
+    greedy: bool  # every scored token was the greedy (argmax) prediction
+    logprob: float  # summed log-probability (``-nll``)
+
+
+class ProbeSums(NamedTuple):
+    """The per-probe sums all ranks add up (in this order, one row of a float64 tensor)."""
+
+    nll_sum: float
+    tokens: float
+    correct: float
+    examples: float
+
+
+class _Pending(NamedTuple):
+    logprob: float
+    tokens: int
+    greedy: bool
+
+
+class Scores:
+    """Per-sequence sums (log-probability, tokens, all greedy-correct) filled batch by batch.
+
+    A later choice's prediction at the end of a shared context comes from the full forward and
+    is held as *pending* until its continuation is scored (it is dropped if the continuation
+    has to run in full instead).
+    """
+
+    def __init__(self) -> None:
+        self._acc: dict[Key, list[Any]] = {}  # [log-probability, tokens, all greedy]
+        self.pending: dict[Key, _Pending] = {}
+
+    def add(self, key: Key, lp: float, n: int, greedy: bool, *, pending: bool = False) -> None:
+        if pending:
+            self.pending[key] = _Pending(lp, n, greedy)
+            return
+        acc = self._acc.setdefault(key, [0.0, 0, True])
+        acc[0] += lp
+        acc[1] += n
+        acc[2] = acc[2] and greedy
+
+    def settle(self, key: Key, keep: bool) -> None:
+        held = self.pending.pop(key, None)
+        if held is not None and keep:
+            self.add(key, *held)
+
+    def results(self) -> dict[Key, SeqScore]:
+        """The score of every sequence added."""
+        return {k: SeqScore(-lp, n, greedy, lp) for k, (lp, n, greedy) in self._acc.items()}
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Aggregated result of one probe over all ranks.
+
+    Attributes:
+        nll: Mean negative log-likelihood per scored token (text: all tokens; multiple choice:
+            the correct choice; completion: the answer span).
+        score: Accuracy or exact match in [0, 1]; ``None`` for text probes.
+        examples: Rows scored.
+        tokens: Tokens the NLL averages over.
+    """
+
+    name: str
+    kind: str
+    nll: float
+    score: float | None
+    examples: int
+    tokens: int
+
+
+def local_sums(probe: ProbeSet, p_idx: int, per_seq: Mapping[Key, SeqScore]) -> ProbeSums:
+    """This rank's sums for probe ``p_idx``, over the rows it scored (in row order)."""
+    kind = probe.kind
+    nll_sum = tokens = correct = examples = 0.0
+    mine = sorted({ex for (p, ex, _) in per_seq if p == p_idx})
+    for ex in mine:
+        if kind == "text":
+            seq = per_seq[(p_idx, ex, 0)]
+            nll_sum, tokens = nll_sum + seq.nll, tokens + seq.tokens
+        elif kind == "completion":
+            seq = per_seq[(p_idx, ex, 0)]
+            nll_sum, tokens, correct = nll_sum + seq.nll, tokens + seq.tokens, correct + float(seq.greedy)
+        else:
+            row = probe.rows[ex]
+            _, answer = first_field(row, ANSWER_FIELDS)
+            logprobs = [per_seq[(p_idx, ex, j)].logprob for j in range(len(row["choices"]))]
+            pred = max(range(len(logprobs)), key=lambda j: (logprobs[j], -j))  # ties: first choice
+            seq = per_seq[(p_idx, ex, answer)]
+            nll_sum, tokens, correct = nll_sum + seq.nll, tokens + seq.tokens, correct + float(pred == answer)
+        examples += 1
+    return ProbeSums(nll_sum, tokens, correct, examples)
+
+
+def probe_result(name: str, kind: str, sums: ProbeSums) -> ProbeResult:
+    """A probe's result from its sums over all ranks."""
+    return ProbeResult(
+        name=name,
+        kind=kind,
+        nll=sums.nll_sum / sums.tokens if sums.tokens else math.nan,
+        score=None if kind == "text" else (sums.correct / sums.examples if sums.examples else math.nan),
+        examples=int(sums.examples),
+        tokens=int(sums.tokens),
+    )

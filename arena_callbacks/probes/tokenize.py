@@ -1,0 +1,99 @@
+"""Tokenisation: each probe row becomes one :class:`Seq` per scored sequence (one per choice)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ProbeSettings
+from ..exceptions import ProbeDataError
+from .data import CONTEXT_FIELDS, ProbeSet, first_field
+
+
+@dataclass(frozen=True)
+class Seq:
+    """One tokenised sequence; positions ``[start, len)`` are scored (predicted from the left)."""
+
+    ids: tuple[int, ...]
+    start: int
+    example: int  # index within the probe's rows
+    choice: int  # choice index for multiple choice, 0 otherwise
+
+
+def encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], int]:
+    """Token ids of context+continuation and where the continuation starts.
+
+    Trailing spaces of the context move to the continuation, and the continuation is read off
+    the whole encoding (as lm-evaluation-harness does), so merges across the boundary are kept.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(tokenizer, context + continuation, special=True)
+    ctx = encode(tokenizer, context, special=True)
+    if whole[: len(ctx)] != ctx or len(whole) == len(ctx):
+        # The boundary merged; fall back to separate encodings.
+        whole = ctx + encode(tokenizer, continuation, special=False)
+    return whole, len(ctx)
+
+
+def tokenize_probe(probe: ProbeSet, tokenizer: Any, settings: ProbeSettings) -> list[Seq]:
+    """Every row's sequences in row order: one for a text or completion row, one per choice (in
+    order) for a multiple-choice row. Rows longer than ``max_length`` raise unless truncated."""
+    seqs: list[Seq] = []
+    for i, row in enumerate(probe.rows):
+        if probe.kind == "text":
+            seqs.append(_text_seq(probe, i, row["text"], tokenizer, settings))
+            continue
+        if probe.kind == "completion":
+            pairs = [(row["prompt"], row["completion"])]
+        else:
+            _, ctx = first_field(row, CONTEXT_FIELDS)
+            pairs = [(ctx, c) for c in row["choices"]]
+        seqs += [_pair_seq(probe, i, j, ctx, cont, tokenizer, settings) for j, (ctx, cont) in enumerate(pairs)]
+    return seqs
+
+
+def _too_long(probe: ProbeSet, i: int, n: int, limit: int) -> ProbeDataError:
+    return ProbeDataError(
+        f"probe {probe.name!r} ({probe.kind}), row {probe.row_ids[i]}: {n} tokens, longer than "
+        f"probe.max_length={limit}; raise max_length, shorten the row, or set probe.truncate=true"
+    )
+
+
+def _text_seq(probe: ProbeSet, i: int, text: str, tokenizer: Any, settings: ProbeSettings) -> Seq:
+    """A text row: every token but the first is scored; a long row keeps its beginning when truncated."""
+    limit = settings.max_length
+    ids = encode(tokenizer, text, special=True)
+    if len(ids) > limit:
+        if not settings.truncate:
+            raise _too_long(probe, i, len(ids), limit)
+        ids = ids[:limit]
+    if len(ids) < 2:
+        raise ProbeDataError(
+            f"probe {probe.name!r} (text), row {probe.row_ids[i]}: tokenises to {len(ids)} token(s); "
+            "at least 2 are needed to score a next-token prediction"
+        )
+    return Seq(tuple(ids), 1, i, 0)
+
+
+def _pair_seq(
+    probe: ProbeSet, i: int, j: int, ctx: str, cont: str, tokenizer: Any, settings: ProbeSettings
+) -> Seq:
+    """Context + continuation ``j`` of row ``i``, the continuation scored; a long one loses the
+    beginning of its context when truncated (never a scored token)."""
+    limit = settings.max_length
+    ids, start = encode_pair(tokenizer, ctx, cont)
+    if start == 0:  # nothing before the first scored token: score from position 1
+        start = 1
+    if len(ids) > limit:
+        if not settings.truncate or len(ids) - start >= limit:
+            raise _too_long(probe, i, len(ids), limit)
+        cut = len(ids) - limit
+        ids, start = ids[cut:], start - cut
+    return Seq(tuple(ids), max(start, 1), i, j)
