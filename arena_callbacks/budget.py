@@ -13,14 +13,17 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
 from .config import Action, BudgetConfig
 from .measurements import Snapshot
 
-__all__ = ["BudgetOutcome", "Decision", "Reason", "check_limit", "evaluate_budgets", "threshold"]
+__all__ = [
+    "BudgetOutcome", "Decision", "Reason", "check_budget_keys", "check_limit", "evaluate_budgets", "in_budget",
+    "threshold",
+]
 
 
 class Reason(str, Enum):
@@ -117,6 +120,35 @@ def check_limit(budget: BudgetConfig, value: float, baseline: float) -> bool:
     if kind == "min_value":
         return value < limit
     return value > limit  # max_value
+
+
+def in_budget(budgets: Iterable[BudgetConfig], metrics: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
+    """No ``stop`` or ``rewind`` budget is in breach at ``metrics`` (``log`` budgets do not count).
+
+    The one test of "within budget" for a state: the best state kept for rewinds, the points of
+    a path rewind, the candidates of a post-hoc rewind. Patience does not enter: it is about
+    when to act, not about whether a state is acceptable.
+    """
+    for b in budgets:
+        if b.action.severity < Action.STOP.severity or b.key not in metrics:
+            continue
+        if check_limit(b, metrics[b.key], baseline.get(b.key, math.nan)):
+            return False
+    return True
+
+
+def check_budget_keys(budgets: Sequence[BudgetConfig], measured: Sequence[str]) -> None:
+    """Refuse a budget whose key no measurement writes (``measured`` may hold ``*`` patterns)."""
+    import fnmatch
+
+    from .exceptions import BudgetKeyError
+
+    for i, budget in enumerate(budgets):
+        if not any(fnmatch.fnmatchcase(budget.key, k) for k in measured):
+            raise BudgetKeyError(
+                f"budgets[{i}].key: {budget.key!r} is not measured by this monitor; "
+                f"measured keys: {', '.join(measured)}"
+            )
 
 
 def threshold(budget: BudgetConfig, baseline: float) -> float:

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from .budget import Decision
+from .layout import HISTORY_FILE
 from .measurements import Snapshot
 
 __all__ = ["HISTORY_FILE", "History", "read_history"]
 
 logger = logging.getLogger(__name__)
 
-HISTORY_FILE = "history.jsonl"
 
 
 class History:

@@ -26,21 +26,20 @@ from typing import Any
 
 import torch
 
-from .budget import check_limit
-from .config import Action
+from .budget import in_budget
 from .distributed import DistContext
 from .exceptions import ArenaError
+from .layout import PROBES_FILE
 from .measurements import build_snapshot
 from .probes import Probe, ProbeRunner, ProbeSet
 from .rewind import alphas_for, interpolate, path_rules
 from .runs import ADAPTER_FILES, Run, has_weights, load_run
-from .sp import SPPoint, operating_point
+from .sp import choose
 
 __all__ = ["Candidate", "RewindError", "rewind_run"]
 
 logger = logging.getLogger(__name__)
 
-PROBES_FILE = "probes.json"
 # Adapter tensors whose pretrained value is known without the training run: zero at init.
 _ZERO_AT_INIT = ("lora_B", "lora_embedding_B", "oft_R", "oft_embedding_R")
 _KEEP = ("lora_A", "lora_embedding_A")
@@ -117,15 +116,6 @@ def _load_probes(run: Run) -> dict[str, ProbeSet]:
         name: ProbeSet.build(name, Probe(d["rows"], kind=d["kind"], signal=d["signal"]), run.config.probe)
         for name, d in data.items()
     }
-
-
-def _in_budget(run: Run, metrics: dict[str, float], base: dict[str, float]) -> bool:
-    for b in run.config.budgets:
-        if b.action.severity < Action.STOP.severity or b.key not in metrics:
-            continue
-        if check_limit(b, metrics[b.key], base.get(b.key, math.nan)):
-            return False
-    return True
 
 
 def rewind_run(
@@ -243,15 +233,10 @@ def rewind_run(
         candidates.append(Candidate(label, "path", last.step, a, measure(f"arena rewind: α={a:g}")))
 
     for c in candidates:
-        c.in_budget = c.source == "pretrained" or _in_budget(run, c.metrics, base_metrics)
+        c.in_budget = c.source == "pretrained" or in_budget(run.config.budgets, c.metrics, base_metrics)
     ok = [c for c in candidates if c.in_budget]
-    pts = [SPPoint(i, c.plasticity, c.stability) for i, c in enumerate(ok)]
-    if all(math.isfinite(p.plasticity) and math.isfinite(p.stability) for p in pts):
-        best = operating_point(pts, run.config.operating_point)
-        assert best is not None
-        chosen = ok[best.step]
-    else:  # no target probe: the last in-budget saved state
-        chosen = ok[-1]
+    # No target probe: the last in-budget candidate.
+    chosen = ok[choose([c.metrics for c in ok], run.config.operating_point)]
     chosen.chosen = True
 
     out_dir = Path(out) if out is not None else (run.output_dir or run.path) / "rewound"
@@ -296,7 +281,8 @@ def _base_path(run: Run, last: Path, given: str | Path | None, is_adapter: bool)
 
 
 def _write_outputs(run: Run, out: Path, cands: list[Candidate], chosen: Candidate, base: str, adapter: bool) -> None:
-    from .report import _figure, _fmt, _save
+    from .plots import new_figure, save_figure
+    from .report import format_value
 
     (out / "rewind.json").write_text(
         json.dumps({"run": str(run.path), "base_model": base, "adapter": adapter,
@@ -304,7 +290,7 @@ def _write_outputs(run: Run, out: Path, cands: list[Candidate], chosen: Candidat
                     "chosen": chosen.label, "candidates": [c.to_json() for c in cands]}, indent=2),
         encoding="utf-8",
     )
-    fig = _figure(figsize=(6.4, 4.8))
+    fig = new_figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
     for c in cands:
         style = "*" if c.chosen else ("o" if c.in_budget else "x")
@@ -315,12 +301,12 @@ def _write_outputs(run: Run, out: Path, cands: list[Candidate], chosen: Candidat
     ax.set_ylabel("stability S (retention)")
     ax.set_title(f"{run.name}: rewind candidates (★ chosen, × out of budget)")
     ax.grid(alpha=0.3)
-    _save(fig, out / "rewind.png")
+    save_figure(fig, out / "rewind.png")
     load = ("PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)" if adapter
             else "AutoModelForCausalLM.from_pretrained(out)")
     md = [
         f"# Rewind of {run.name}", "",
-        f"Chosen: **{chosen.label}** (P = {_fmt(chosen.plasticity)}, S = {_fmt(chosen.stability)}), "
+        f"Chosen: **{chosen.label}** (P = {format_value(chosen.plasticity)}, S = {format_value(chosen.stability)}), "
         f"by the `{run.config.operating_point.rule}` rule among the candidates within the run's stop/rewind budgets.",
         "", f"Written to `{out}` ({'adapter' if adapter else 'full model'}; load with `{load}`, base: `{base}`).", "",
         "| candidate | source | step | α | P | S | in budget |", "|---|---|---:|---:|---:|---:|---|",
@@ -329,7 +315,7 @@ def _write_outputs(run: Run, out: Path, cands: list[Candidate], chosen: Candidat
         name = c.label + (f" (after rewind {c.rewind})" if c.rewind is not None else "")
         md.append(f"| {'**' + name + '**' if c.chosen else name} | {c.source} | "
                   f"{c.step if c.step is not None else 'n/a'} | {c.alpha if c.alpha is not None else 'n/a'} | "
-                  f"{_fmt(c.plasticity)} | {_fmt(c.stability)} | {'yes' if c.in_budget else 'no'} |")
+                  f"{format_value(c.plasticity)} | {format_value(c.stability)} | {'yes' if c.in_budget else 'no'} |")
     if any(c.rewind is not None for c in cands):
         md += ["", ("A state marked *after rewind n* was saved at the step of the run's live rewind n: it holds "
                     "what that rewind loaded, not the breach recorded before it at the same step.")]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import MonitorConfig
 from .exceptions import ArenaError
-from .history import HISTORY_FILE
+from .layout import ADAPTER_FILES, HISTORY_FILE, MODEL_FILES, MONITOR_DIR, SUMMARY_FILE
 from .measurements import Snapshot, current_records
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,13 +30,9 @@ __all__ = ["ADAPTER_FILES", "MODEL_FILES", "MONITOR_DIR", "SUMMARY_FILE", "Run",
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
 #: The monitor's default folder inside a trainer ``output_dir``.
-MONITOR_DIR = "arena"
 
 #: Files of a saved adapter (``PeftModel.save_pretrained``) and of a saved full model.
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 

@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +42,8 @@ from .config import OperatingPointConfig
 __all__ = [
     "SP_KEYS",
     "SPPoint",
+    "better_point",
+    "choose",
     "frontier",
     "frontier_area",
     "marginal_rates",
@@ -137,6 +139,34 @@ def operating_point(points: Sequence[SPPoint], config: OperatingPointConfig | No
     if ok:
         return min(ok, key=lambda p: (-p.plasticity, -p.stability, p.step))
     return min(points, key=lambda p: (-p.stability, -p.plasticity, p.step))
+
+
+def choose(candidates: Sequence[Mapping[str, float]], config: OperatingPointConfig | None = None) -> int:
+    """Index of the candidate state (its metrics) the operating-point rule picks.
+
+    The one choice among alternative states: the points of a path rewind, the candidates of a
+    post-hoc rewind. When any candidate lacks a finite (P, S) (no target probe), the last one:
+    the furthest along the path, or the latest saved state.
+    """
+    points = []
+    for i, m in enumerate(candidates):
+        p, q = m.get(PLASTICITY), m.get(STABILITY)
+        if p is None or q is None or not (math.isfinite(p) and math.isfinite(q)):
+            return len(candidates) - 1
+        points.append(SPPoint(i, float(p), float(q)))
+    best = operating_point(points, config)
+    assert best is not None, "no candidates"
+    return best.step
+
+
+def better_point(new: Any, old: Any | None, config: OperatingPointConfig | None = None) -> bool:
+    """Does the rule prefer snapshot ``new`` to snapshot ``old`` (anything with ``.step`` and
+    ``.metrics``)? Without a (P, S) on either side, the newer state wins."""
+    a = trajectory([new])
+    b = trajectory([old]) if old is not None else []
+    if not a or not b:
+        return True
+    return operating_point([b[0], a[0]], config) == a[0] and a[0] != b[0]
 
 
 def smooth(values: Sequence[float], window: int) -> list[float]:

@@ -80,7 +80,9 @@ def lora_model():
 
 
 def in_budget(monitor, snap):
-    return monitor._in_budget(snap.metrics) or snap.trigger == "baseline"
+    from arena_callbacks.budget import in_budget as within
+
+    return within(monitor.config.budgets, snap.metrics, monitor.history.snapshots[0].metrics) or snap.trigger == "baseline"
 
 
 def test_checkpoint_rewind_restores_the_exact_best_state_and_stops(tokenizer, tmp_path):
@@ -213,8 +215,8 @@ def test_resume_gives_the_same_history_as_an_uninterrupted_run(tokenizer, tmp_pa
     for (_, _, ma), (_, _, mb) in zip(a, b):
         assert mb == pytest.approx(ma, rel=1e-6, abs=1e-9)
     assert strip(read_history(tmp_path / "b" / "arena")) == b  # the file was rewritten, not appended to
-    assert resumed._best.step == full._best.step
-    assert all(torch.equal(resumed._best.get()[k], full._best.get()[k]) for k in full._best.get())
+    assert resumed.engine.rewinder.best.step == full.engine.rewinder.best.step
+    assert all(torch.equal(resumed.engine.rewinder.best.get()[k], full.engine.rewinder.best.get()[k]) for k in full.engine.rewinder.best.get())
     if geometry:
         assert any(k.startswith("geometry/procrustes/") for k in b[-1][2])
         g, h = resumed.geometry, full.geometry
@@ -235,12 +237,12 @@ def test_resume_refuses_other_probes(tokenizer, tmp_path):
 
 
 def test_rewind_under_zero3_is_refused_at_train_start(tmp_path):
-    from pathlib import Path
+    from arena_callbacks.distributed import DistContext
+    from arena_callbacks.rewinder import Rewinder
 
     monitor = ForgettingMonitor(config({"mode": "checkpoint"}), probes={"general": GENERAL})
-    monitor.output_dir = Path(tmp_path)
     model = pretrained_model()
     next(model.parameters()).ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
     with pytest.raises(ValueError, match="ZeRO-3") as e:
-        monitor._setup_rewind(model)
+        Rewinder(monitor.config, DistContext(), tmp_path).setup(model)
     assert "ZeRO-2" in str(e.value) and "arena-callbacks rewind" in str(e.value)

@@ -181,15 +181,12 @@ def test_overhead_budget_schedules_probes_from_measured_costs(tokenizer, tmp_pat
     steps) are ceil(1 / (0.25 · 1)) = 4 steps, as no bookkeeping has been measured before the
     first probe step; after the second, the cost includes the first one's bookkeeping, 1.5 s, so
     the next interval is ceil(1.5 / 0.25) = 6 steps."""
-    import types
-
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
-    import arena_callbacks.callback as cb
     from arena_callbacks import ProbeRunner
+    from arena_callbacks.engine import ForgettingEngine
 
     clock = [0.0]
-    monkeypatch.setattr(cb, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     def ticking(fn, seconds):
         def wrapper(*args, **kwargs):
@@ -198,7 +195,7 @@ def test_overhead_budget_schedules_probes_from_measured_costs(tokenizer, tmp_pat
         return wrapper
 
     monkeypatch.setattr(ProbeRunner, "run", ticking(ProbeRunner.run, 1.0))
-    monkeypatch.setattr(cb.ForgettingMonitor, "_record", ticking(cb.ForgettingMonitor._record, 0.5))
+    monkeypatch.setattr(ForgettingEngine, "_record", ticking(ForgettingEngine._record, 0.5))
 
     class Step(TrainerCallback):
         def on_step_begin(self, *args, **kwargs):
@@ -209,6 +206,7 @@ def test_overhead_budget_schedules_probes_from_measured_costs(tokenizer, tmp_pat
          "probe": {"batch_size": 8, "max_length": 64}, "logging": {"tensorboard": False}},
         probes={"general": GENERAL},
     )
+    monitor.engine.schedule.clock = lambda: clock[0]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=8, report_to=[],
                              save_strategy="no", use_cpu=True, seed=0)
     Trainer(model=pretrained_model(), args=args, train_dataset=[tokenizer(TARGET_TEXT) for _ in range(64)],

@@ -32,6 +32,7 @@ def main(work_dir: str, max_steps: int, lr: float, rewind: bool = False) -> None
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
     from arena_callbacks import ForgettingMonitor
+    from arena_callbacks.tensorboard import TensorBoardSink
 
     rank = int(os.environ["RANK"])
     tok = make_tokenizer()
@@ -61,8 +62,9 @@ def main(work_dir: str, max_steps: int, lr: float, rewind: bool = False) -> None
         writer_dirs: set[str] = set()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if monitor._writer is not None:
-                self.writer_dirs.add(monitor._writer.log_dir)
+            for sink in monitor.engine.sinks:
+                if isinstance(sink, TensorBoardSink):
+                    self.writer_dirs.add(sink.writer.log_dir)
 
     watch = WatchWriters()
     args = TrainingArguments(

@@ -145,7 +145,7 @@ def main(argv: list[str]) -> None:
         "partitioned": bool(params) and all(hasattr(p, "ds_id") for p in params),
         "local_numel": sum(int(p.ds_tensor.numel()) if hasattr(p, "ds_tensor") else p.numel() for p in params),
         "full_numel": sum(v.numel() for v in state.values()),
-        "trainable_parameters": monitor._trainable_parameters,
+        "trainable_parameters": monitor.engine.trainable_parameters,
         "global_step": trainer.state.global_step,
         "epoch": trainer.state.epoch,
         "train_loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
