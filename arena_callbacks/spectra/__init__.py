@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .capture import _strip_peft, expand_braces
+from ..capture import _strip_peft, expand_braces
 
 __all__ = [
     "SPECTRAL_METRICS",
