@@ -3,7 +3,7 @@
 * **Modules** are chosen by name pattern (``layers.{9,18}.mlp.down_proj``, ``*`` wildcards,
   ``final_norm``) or ``auto``: the final norm's output and sublayer outputs (``o_proj``,
   ``down_proj``, GPT-2's ``c_proj``) at about 1/6, 1/2 and 5/6 depth, the set whose
-  Procrustes residual tracked held-out NLL best on SmolLM2-135M (DESIGN.md §3). On PEFT models
+  Procrustes residual tracked held-out NLL best on SmolLM2-135M (docs/design.md §3). On PEFT models
   the adapted wrapper module is hooked, never its inner ``base_layer``.
 * **Tokens**: a fixed, seeded sample of real (non-padding) token positions over the geometry
   probes, the same at every step and on any number of ranks (rows are put back in one global

@@ -207,7 +207,7 @@ _LIMIT_FIELDS = ("max_drop", "max_relative_drop", "max_rise", "min_value", "max_
 
 
 class SpectraConfig(_Frozen):
-    """Weight-space spectra of adapted layers (DESIGN.md §4), on their own cadence.
+    """Weight-space spectra of adapted layers (docs/design.md §3), on their own cadence.
 
     Attributes:
         enabled: Compute ``spectral/*`` keys.
@@ -284,7 +284,7 @@ class OperatingPointConfig(_Frozen):
 
 
 class RewindConfig(_Frozen):
-    """What a ``rewind`` action does (DESIGN.md §5).
+    """What a ``rewind`` action does (docs/design.md §4).
 
     Attributes:
         mode: ``checkpoint`` restores the best in-budget state seen so far (by the operating-point

@@ -1,4 +1,4 @@
-"""From probe results to a snapshot of namespaced metrics (DESIGN.md §2).
+"""From probe results to a snapshot of namespaced metrics (docs/design.md §3).
 
 Keys for each capability probe ``p``:
 

@@ -1,4 +1,4 @@
-"""Rewinding (DESIGN.md §5): trainable states kept aside, and the path from the pretrained weights.
+"""Rewinding (docs/design.md §4): trainable states kept aside, and the path from the pretrained weights.
 
 A *trainable state* is ``{parameter name: CPU tensor}`` for the parameters that train
 (``requires_grad``): the adapter for PEFT models, every weight for full finetuning. Under FSDP2

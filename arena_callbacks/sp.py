@@ -1,4 +1,4 @@
-"""The stability-plasticity estimate (DESIGN.md §2): trajectory, frontier, operating point, overshoot.
+"""The stability-plasticity estimate (docs/design.md §3): trajectory, frontier, operating point, overshoot.
 
 Pure functions of a run's snapshots, used live by the monitor (keys ``sp/*``) and after the fact
 by reports. A point is ``(P, S)`` = (``sp/plasticity``, ``sp/stability``); both are "higher is

@@ -1,4 +1,4 @@
-"""Activation geometry against plain float64 numpy/scipy references (DESIGN.md §3)."""
+"""Activation geometry against plain float64 numpy/scipy references (docs/design.md §3)."""
 
 from __future__ import annotations
 

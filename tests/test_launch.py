@@ -4,7 +4,7 @@
         tests/dist_scripts/train_accelerate.py ... --use_cpu true
 
 Two real processes (gloo) must start, train as one DDP run, and hold the same monitor history
-and decisions, with rank 0 alone writing it. Also pinned: the silent fallback of DESIGN.md §7
+and decisions, with rank 0 alone writing it. Also pinned: the silent fallback of docs/design.md §8
 (no config file: ``--cpu --num_processes 2`` starts one process).
 """
 
@@ -121,7 +121,7 @@ def test_monitor_history_and_decisions_identical_on_both_ranks(ddp_cpu_run):
 
 
 def test_without_a_config_file_accelerate_starts_one_process(tmp_path):
-    """DESIGN.md §7: ``--cpu --num_processes 2`` with no config file runs ONE process, silently."""
+    """docs/design.md §8: ``--cpu --num_processes 2`` with no config file runs ONE process, silently."""
     _launch(tmp_path, ["--cpu", "--num_processes", "2", "--main_process_port", str(_free_port())])
     assert not (tmp_path / "rank1.json").exists()
     r0 = json.loads((tmp_path / "rank0.json").read_text())

@@ -1,4 +1,4 @@
-"""Weight-space spectra (DESIGN.md §4) against plain float64 numpy references, and the dense
+"""Weight-space spectra (docs/design.md §3) against plain float64 numpy references, and the dense
 finetuned weights of LoRA, DoRA and OFT layers against what the layers actually compute."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ With ``rewind`` the budget rewinds along the path and training continues (C.TRAI
 
 Each rank pretrains the tiny model identically (helpers.pretrained_model: deterministic on
 CPU), rank 0 saves those weights to WORK_DIR/pretrained.pt, then every rank finetunes on one
-repeated target text (the general NLL rises) with ``use_cpu=True`` (DESIGN.md §7: without it
+repeated target text (the general NLL rises) with ``use_cpu=True`` (docs/design.md §8: without it
 torchrun gives unsynchronised replicas). Each rank writes WORK_DIR/rank<r>.json with what it
 saw: world size from torch.distributed, the monitor's history and decisions, the stop step,
 which of the monitor's writers it held, the probe forwards it ran, and a checksum of its weights.
@@ -75,7 +75,7 @@ def main(work_dir: str, max_steps: int, lr: float, rewind: bool = False) -> None
         logging_steps=1,
         report_to=[],
         save_strategy="no",
-        use_cpu=True,  # real DDP under torchrun on CPU (DESIGN.md §7)
+        use_cpu=True,  # real DDP under torchrun on CPU (docs/design.md §8)
         ddp_timeout=60,  # a hang fails the test instead of blocking it
         seed=0,
         disable_tqdm=True,
