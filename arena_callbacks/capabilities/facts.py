@@ -1,0 +1,185 @@
+"""The ``world_knowledge`` set: simple facts written for this project, four choices each."""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .registry import Row
+
+__all__ = ["FACTS", "WORLD_KNOWLEDGE_SHOTS"]
+
+# (category, question, correct answer, three distractors). Written for this project.
+FACTS: tuple[tuple[str, str, str, tuple[str, str, str]], ...] = (
+    # Capitals
+    ("capitals", "What is the capital of France?", "Paris", ("Lyon", "Marseille", "Nice")),
+    ("capitals", "What is the capital of Germany?", "Berlin", ("Munich", "Hamburg", "Frankfurt")),
+    ("capitals", "What is the capital of Italy?", "Rome", ("Milan", "Naples", "Venice")),
+    ("capitals", "What is the capital of Spain?", "Madrid", ("Barcelona", "Seville", "Valencia")),
+    ("capitals", "What is the capital of Japan?", "Tokyo", ("Osaka", "Kyoto", "Hiroshima")),
+    ("capitals", "What is the capital of the United Kingdom?", "London", ("Manchester", "Liverpool", "Birmingham")),
+    ("capitals", "What is the capital of Russia?", "Moscow", ("Saint Petersburg", "Kazan", "Novosibirsk")),
+    ("capitals", "What is the capital of China?", "Beijing", ("Shanghai", "Guangzhou", "Shenzhen")),
+    ("capitals", "What is the capital of Egypt?", "Cairo", ("Alexandria", "Luxor", "Giza")),
+    ("capitals", "What is the capital of Canada?", "Ottawa", ("Toronto", "Vancouver", "Montreal")),
+    ("capitals", "What is the capital of Australia?", "Canberra", ("Sydney", "Melbourne", "Perth")),
+    ("capitals", "What is the capital of the United States?", "Washington, D.C.",
+     ("New York", "Los Angeles", "Chicago")),
+    ("capitals", "What is the capital of India?", "New Delhi", ("Mumbai", "Kolkata", "Bangalore")),
+    ("capitals", "What is the capital of Brazil?", "Brasília", ("Rio de Janeiro", "São Paulo", "Salvador")),
+    ("capitals", "What is the capital of Argentina?", "Buenos Aires", ("Córdoba", "Rosario", "Mendoza")),
+    ("capitals", "What is the capital of Mexico?", "Mexico City", ("Guadalajara", "Monterrey", "Cancún")),
+    ("capitals", "What is the capital of Greece?", "Athens", ("Thessaloniki", "Sparta", "Patras")),
+    ("capitals", "What is the capital of Portugal?", "Lisbon", ("Porto", "Braga", "Faro")),
+    ("capitals", "What is the capital of Ireland?", "Dublin", ("Cork", "Galway", "Limerick")),
+    ("capitals", "What is the capital of Norway?", "Oslo", ("Bergen", "Trondheim", "Stavanger")),
+    ("capitals", "What is the capital of Sweden?", "Stockholm", ("Gothenburg", "Malmö", "Uppsala")),
+    ("capitals", "What is the capital of Turkey?", "Ankara", ("Istanbul", "Izmir", "Antalya")),
+    ("capitals", "What is the capital of South Korea?", "Seoul", ("Busan", "Incheon", "Daegu")),
+    ("capitals", "What is the capital of Kenya?", "Nairobi", ("Mombasa", "Kisumu", "Nakuru")),
+    ("capitals", "What is the capital of the Netherlands?", "Amsterdam", ("Rotterdam", "Utrecht", "Eindhoven")),
+    ("capitals", "What is the capital of Austria?", "Vienna", ("Salzburg", "Graz", "Innsbruck")),
+    ("capitals", "What is the capital of Poland?", "Warsaw", ("Kraków", "Gdańsk", "Wrocław")),
+    ("capitals", "What is the capital of Switzerland?", "Bern", ("Zurich", "Geneva", "Basel")),
+    ("capitals", "What is the capital of Belgium?", "Brussels", ("Antwerp", "Ghent", "Bruges")),
+    ("capitals", "What is the capital of Denmark?", "Copenhagen", ("Aarhus", "Odense", "Aalborg")),
+    ("capitals", "What is the capital of Finland?", "Helsinki", ("Tampere", "Turku", "Oulu")),
+    ("capitals", "What is the capital of Thailand?", "Bangkok", ("Chiang Mai", "Phuket", "Pattaya")),
+    ("capitals", "What is the capital of Peru?", "Lima", ("Cusco", "Arequipa", "Trujillo")),
+    ("capitals", "What is the capital of Cuba?", "Havana", ("Santiago de Cuba", "Varadero", "Camagüey")),
+    ("capitals", "What is the capital of Hungary?", "Budapest", ("Debrecen", "Szeged", "Pécs")),
+    ("capitals", "What is the capital of the Czech Republic?", "Prague", ("Brno", "Ostrava", "Plzeň")),
+    ("capitals", "What is the capital of Vietnam?", "Hanoi", ("Ho Chi Minh City", "Da Nang", "Hue")),
+    ("capitals", "What is the capital of Morocco?", "Rabat", ("Casablanca", "Marrakesh", "Fez")),
+    ("capitals", "What is the capital of Nigeria?", "Abuja", ("Lagos", "Kano", "Ibadan")),
+    ("capitals", "What is the capital of Chile?", "Santiago", ("Valparaíso", "Concepción", "Antofagasta")),
+    ("capitals", "What is the capital of Colombia?", "Bogotá", ("Medellín", "Cali", "Cartagena")),
+    ("capitals", "What is the capital of New Zealand?", "Wellington", ("Auckland", "Christchurch", "Queenstown")),
+    # Science
+    ("science", "What is the chemical formula of water?", "H2O", ("CO2", "O2", "NaCl")),
+    ("science", "What is the chemical symbol for gold?", "Au", ("Ag", "Gd", "Go")),
+    ("science", "What is the chemical symbol for oxygen?", "O", ("N", "H", "C")),
+    ("science", "Which planet is closest to the Sun?", "Mercury", ("Venus", "Earth", "Mars")),
+    ("science", "What is the largest planet in the solar system?", "Jupiter", ("Saturn", "Neptune", "Earth")),
+    ("science", "Which planet is known as the Red Planet?", "Mars", ("Venus", "Jupiter", "Mercury")),
+    ("science", "Which gas do plants take in from the air to make food?", "carbon dioxide",
+     ("oxygen", "nitrogen", "helium")),
+    ("science", "Which gas do people need to breathe to stay alive?", "oxygen",
+     ("carbon dioxide", "helium", "hydrogen")),
+    ("science", "At what temperature in degrees Celsius does water boil at sea level?", "100", ("50", "0", "200")),
+    ("science", "At what temperature in degrees Celsius does water freeze?", "0", ("100", "50", "25")),
+    ("science", "At what temperature in degrees Fahrenheit does water freeze?", "32", ("0", "100", "212")),
+    ("science", "How many legs does a spider have?", "eight", ("six", "four", "ten")),
+    ("science", "How many legs does an insect have?", "six", ("eight", "four", "ten")),
+    ("science", "What is the hardest natural material?", "diamond", ("gold", "iron", "glass")),
+    ("science", "Which force pulls objects toward the ground?", "gravity", ("magnetism", "friction", "electricity")),
+    ("science", "What is the center of an atom called?", "the nucleus", ("the electron", "the shell", "the orbit")),
+    ("science", "Which organ pumps blood through the body?", "the heart", ("the liver", "the lungs", "the brain")),
+    ("science", "Which organs do people breathe with?", "the lungs", ("the heart", "the stomach", "the kidneys")),
+    ("science", "Which organ do people think with?", "the brain", ("the heart", "the liver", "the stomach")),
+    ("science", "What is the star at the center of our solar system?", "the Sun", ("Sirius", "Polaris", "the Moon")),
+    ("science", "What is the largest mammal?", "the blue whale", ("the elephant", "the giraffe", "the hippopotamus")),
+    ("science", "What do bees make?", "honey", ("milk", "silk", "cheese")),
+    ("science", "Which metal is liquid at room temperature?", "mercury", ("iron", "copper", "silver")),
+    ("science", "What are animals that eat only plants called?", "herbivores",
+     ("carnivores", "predators", "scavengers")),
+    ("science", "How many days does it take the Earth to go around the Sun?", "365", ("30", "100", "1000")),
+    ("science", "What natural satellite orbits the Earth?", "the Moon", ("the Sun", "Mars", "Venus")),
+    ("science", "What part of a plant takes in water from the soil?", "the roots",
+     ("the leaves", "the flowers", "the seeds")),
+    ("science", "What is frozen water called?", "ice", ("steam", "sand", "glass")),
+    ("science", "What is water vapor from boiling water called?", "steam", ("ice", "smoke", "dust")),
+    # Geography
+    ("geography", "What is the largest ocean on Earth?", "the Pacific Ocean",
+     ("the Atlantic Ocean", "the Indian Ocean", "the Arctic Ocean")),
+    ("geography", "What is the highest mountain in the world?", "Mount Everest",
+     ("Mont Blanc", "Mount Fuji", "Mount Kilimanjaro")),
+    ("geography", "What is the largest hot desert in the world?", "the Sahara",
+     ("the Gobi", "the Kalahari", "the Mojave")),
+    ("geography", "On which continent is Egypt?", "Africa", ("Europe", "Asia", "South America")),
+    ("geography", "On which continent is Brazil?", "South America", ("Africa", "Asia", "Europe")),
+    ("geography", "On which continent is Japan?", "Asia", ("Europe", "Africa", "South America")),
+    ("geography", "On which continent is France?", "Europe", ("Asia", "Africa", "North America")),
+    ("geography", "On which continent is Kenya?", "Africa", ("Asia", "Europe", "Australia")),
+    ("geography", "What is the largest country by area?", "Russia", ("Canada", "China", "Brazil")),
+    ("geography", "What is the largest continent?", "Asia", ("Africa", "Europe", "North America")),
+    ("geography", "On which continent is the South Pole?", "Antarctica",
+     ("Europe", "Asia", "Australia")),
+    ("geography", "Which river flows through London?", "the Thames", ("the Seine", "the Rhine", "the Danube")),
+    ("geography", "Which river flows through Paris?", "the Seine", ("the Thames", "the Rhine", "the Nile")),
+    ("geography", "Which river flows through Cairo?", "the Nile", ("the Amazon", "the Thames", "the Danube")),
+    ("geography", "Which ocean lies between Europe and North America?", "the Atlantic Ocean",
+     ("the Pacific Ocean", "the Indian Ocean", "the Arctic Ocean")),
+    ("geography", "In which country are the pyramids of Giza?", "Egypt", ("Mexico", "Greece", "India")),
+    ("geography", "In which country is the Eiffel Tower?", "France", ("Italy", "Spain", "Germany")),
+    ("geography", "In which city is the Colosseum?", "Rome", ("Athens", "Paris", "Madrid")),
+    ("geography", "In which country is the Great Wall?", "China", ("Japan", "India", "Egypt")),
+    ("geography", "Which country is shaped like a boot?", "Italy", ("Spain", "Greece", "Portugal")),
+    ("geography", "In which country do wild kangaroos live?", "Australia", ("Brazil", "Canada", "India")),
+    ("geography", "In which country is Mount Fuji?", "Japan", ("China", "Nepal", "Chile")),
+    ("geography", "In which country is the Statue of Liberty?", "the United States",
+     ("France", "Canada", "England")),
+    ("geography", "In which country is the Taj Mahal?", "India", ("Egypt", "Iran", "Thailand")),
+    ("geography", "Which language is mainly spoken in Brazil?", "Portuguese", ("Spanish", "French", "English")),
+    ("geography", "Which language is mainly spoken in Mexico?", "Spanish", ("Portuguese", "French", "English")),
+    ("geography", "What currency is used in Japan?", "the yen", ("the euro", "the dollar", "the peso")),
+    # Everyday knowledge
+    ("everyday", "How many days are in a week?", "seven", ("five", "six", "ten")),
+    ("everyday", "How many months are in a year?", "twelve", ("ten", "eleven", "thirteen")),
+    ("everyday", "How many hours are in a day?", "24", ("12", "60", "100")),
+    ("everyday", "How many minutes are in an hour?", "60", ("100", "30", "24")),
+    ("everyday", "How many days are in a leap year?", "366", ("365", "364", "360")),
+    ("everyday", "What color do you get by mixing blue and yellow?", "green", ("purple", "orange", "red")),
+    ("everyday", "What color do you get by mixing red and white?", "pink", ("green", "blue", "black")),
+    ("everyday", "What color is a ripe banana?", "yellow", ("blue", "purple", "white")),
+    ("everyday", "What color is grass?", "green", ("red", "blue", "white")),
+    ("everyday", "What is the first month of the year?", "January", ("March", "June", "December")),
+    ("everyday", "What is the last month of the year?", "December", ("January", "July", "October")),
+    ("everyday", "How many sides does a triangle have?", "three", ("four", "five", "six")),
+    ("everyday", "How many sides does a square have?", "four", ("three", "five", "eight")),
+    ("everyday", "How many sides does a hexagon have?", "six", ("five", "seven", "eight")),
+    ("everyday", "What does a caterpillar turn into?", "a butterfly", ("a spider", "a frog", "a bee")),
+    ("everyday", "What is a baby dog called?", "a puppy", ("a kitten", "a calf", "a foal")),
+    ("everyday", "What is a baby cat called?", "a kitten", ("a puppy", "a lamb", "a calf")),
+    ("everyday", "What is a baby cow called?", "a calf", ("a lamb", "a foal", "a piglet")),
+    ("everyday", "Which animal has a long trunk?", "the elephant", ("the horse", "the lion", "the zebra")),
+    ("everyday", "Which animal says moo?", "the cow", ("the dog", "the cat", "the duck")),
+    ("everyday", "Which animal barks?", "the dog", ("the cow", "the cat", "the sheep")),
+    ("everyday", "Who wrote Romeo and Juliet?", "William Shakespeare",
+     ("Charles Dickens", "Mark Twain", "Jane Austen")),
+    ("everyday", "Who painted the Mona Lisa?", "Leonardo da Vinci",
+     ("Pablo Picasso", "Vincent van Gogh", "Claude Monet")),
+    ("everyday", "How many continents are there?", "seven", ("five", "six", "nine")),
+    ("everyday", "How many players does a soccer team have on the field?", "eleven", ("nine", "seven", "fifteen")),
+    ("everyday", "Which instrument has black and white keys?", "the piano", ("the guitar", "the drum", "the violin")),
+    ("everyday", "Which holiday is celebrated on December 25?", "Christmas", ("Easter", "Halloween", "Thanksgiving")),
+    ("everyday", "What shape has every point the same distance from its center?", "a circle",
+     ("a square", "a triangle", "a rectangle")),
+    ("everyday", "What is the opposite of hot?", "cold", ("warm", "big", "fast")),
+    ("everyday", "What do people use to see?", "their eyes", ("their ears", "their hands", "their feet")),
+    ("everyday", "What do people use to hear?", "their ears", ("their eyes", "their nose", "their hands")),
+)
+
+
+# Two worked questions before each one set the answer format (facts not in FACTS). On
+# SmolLM2-135M they lift accuracy from about 0.61 to 0.82 and cut the answer NLL from ~4.7 to ~1.3.
+WORLD_KNOWLEDGE_SHOTS: tuple[tuple[str, str], ...] = (
+    ("How many wheels does a bicycle have?", "two"),
+    ("What is the capital of Scotland?", "Edinburgh"),
+)
+
+
+def _build_world_knowledge(rng: random.Random, n: int, tokenizer: Any) -> list[Row]:
+    prefix = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in WORLD_KNOWLEDGE_SHOTS)
+    rows = []
+    for category, question, answer, distractors in rng.sample(FACTS, n):
+        choices = [answer, *distractors]
+        rng.shuffle(choices)
+        rows.append({
+            "context": f"{prefix}Question: {question}\nAnswer:",
+            "choices": [f" {c}" for c in choices],
+            "answer": choices.index(answer),
+            "category": category,
+        })
+    return rows
