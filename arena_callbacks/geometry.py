@@ -1,4 +1,7 @@
-"""Activation geometry: how far a module's outputs moved from the pretrained ones (DESIGN.md §3).
+"""Activation geometry: how far a module's outputs moved from the pretrained ones.
+
+One of the measurements of a probe step (docs/design.md §3): forgetting follows non-isometric
+distortion of the activations more than their raw movement (docs/design.md §1).
 
 ``X0`` and ``X1`` are ``n × d`` outputs of one module on the same probe tokens (rows are
 tokens), for the pretrained model and the current one. Per module:
@@ -34,12 +37,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+
+from .aggregation import namespaced_metrics
 
 __all__ = ["METRICS", "ReferenceStats", "aggregate", "geometry_metrics", "reference_stats"]
 
@@ -50,9 +56,6 @@ METRICS: tuple[str, ...] = ("cosine", "norm", "raw", "procrustes", "gram", "cka"
 # every metric stays invariant to scaling both inputs. 1e-8 moves an ordinary row's cosine by
 # ~1e-16 yet gives zero rows a defined direction.
 _ROW_EPS_REL = 1e-8
-
-# Aggregate names under geometry/<metric>/; a module so named would collide with them.
-_RESERVED_NAMES = ("mean", "max", "min")
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,6 @@ def geometry_metrics(
     # Private float64 copies, worked on in place: each step makes four n × d temporaries where
     # a straightforward version makes a dozen (this runs for every tracked module at every probe).
     x0, x1 = x0.detach().to(dtype, copy=True), x1.detach().to(dtype, copy=True)
-    n, d = x0.shape
     row_sq0 = torch.linalg.vector_norm(x0, dim=1).square()
     row_sq1 = torch.linalg.vector_norm(x1, dim=1).square()
     sq0, sq1 = row_sq0.sum(), row_sq1.sum()
@@ -160,6 +162,27 @@ def geometry_metrics(
         return dict.fromkeys(METRICS, math.nan)
     if reference is not None:
         _check_reference(reference, x0, gram_rows, sq0)
+    values = _metric_values(x0, x1, row_sq0, row_sq1, sq0, sq1, gram_rows=gram_rows, reference=reference)
+    return dict(zip(METRICS, values.tolist()))  # one device sync for all six
+
+
+def _metric_values(
+    x0: torch.Tensor,
+    x1: torch.Tensor,
+    row_sq0: torch.Tensor,
+    row_sq1: torch.Tensor,
+    sq0: torch.Tensor,
+    sq1: torch.Tensor,
+    *,
+    gram_rows: int,
+    reference: ReferenceStats | None,
+) -> torch.Tensor:
+    """The six metrics, in :data:`METRICS` order, as one tensor on the inputs' device.
+
+    ``x0`` and ``x1`` are private copies in the compute dtype (centred in place here), with their
+    squared row norms ``row_sq0`` / ``row_sq1`` and the (finite) sums of those ``sq0`` / ``sq1``.
+    """
+    n, d = x0.shape
     mu0, mu1 = x0.mean(dim=0), x1.mean(dim=0)
 
     diff = x1 - x0
@@ -177,7 +200,7 @@ def geometry_metrics(
     if cross is not None:
         core = cross + n * torch.outer(mu1, mu0)
     assert core is not None
-    values = torch.stack(
+    return torch.stack(
         [
             cosine,
             norm,
@@ -187,13 +210,12 @@ def geometry_metrics(
             _cka(c0, c1, cross, None if reference is None else reference.cka_norm),
         ]
     )
-    return dict(zip(METRICS, values.tolist()))  # one device sync for all six
 
 
 def aggregate(per_module: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Namespaced keys for per-module metrics, with the mean and max across modules.
+    """Namespaced keys for per-module metrics, with the mean, max and min across modules.
 
-    A NaN in any module makes that metric's ``mean`` and ``max`` NaN, so that a failed
+    A NaN in any module makes that metric's ``mean``, ``max`` and ``min`` NaN, so that a failed
     measurement is never hidden by the healthy ones.
 
     Args:
@@ -208,24 +230,8 @@ def aggregate(per_module: Mapping[str, Mapping[str, float]]) -> dict[str, float]
     Raises:
         ValueError: a module name is empty or ``"mean"``/``"max"``/``"min"``, or a module lacks a metric.
     """
-    for name, metrics in per_module.items():
-        if not name or name in _RESERVED_NAMES:
-            raise ValueError(f"module name {name!r} is not allowed: it is empty or collides with {_RESERVED_NAMES}")
-        missing = [m for m in METRICS if m not in metrics]
-        if missing:
-            raise ValueError(f"module {name!r} lacks metrics {missing}; it has {sorted(metrics)}")
-    out: dict[str, float] = {}
-    if not per_module:
-        return out
-    for metric in METRICS:
-        values = [float(metrics[metric]) for metrics in per_module.values()]
-        out.update({f"geometry/{metric}/{name}": v for name, v in zip(per_module, values)})
-        out[f"geometry/{metric}/mean"] = sum(values) / len(values)  # NaN propagates through sum
-        # max() with a NaN depends on the order of its arguments; make NaN win explicitly.
-        out[f"geometry/{metric}/max"] = math.nan if any(math.isnan(v) for v in values) else max(values)
-        # CKA is a similarity (lower is worse): its budget wants the smallest module value.
-        out[f"geometry/{metric}/min"] = math.nan if any(math.isnan(v) for v in values) else min(values)
-    return out
+    # CKA is a similarity (lower is worse): its budget wants the smallest module value.
+    return namespaced_metrics("geometry", per_module, METRICS, noun="module", with_min=True)
 
 
 def _validate(x0: object, x1: object, gram_rows: int) -> None:
@@ -337,11 +343,11 @@ def _nuclear_norm(m: torch.Tensor, method: str | None = None) -> torch.Tensor:
 
     ``method="svd"`` (default off CUDA): ``svdvals``, each value accurate to ~eps·σ_max.
     ``method="eig"`` (default on CUDA): square roots of ``eigvalsh(MᵀM)``, several times faster
-    than an SVD on a GPU (DESIGN.md §7: 71 ms against 330 ms for eight 896² matrices on an
-    H100). Squaring costs accuracy at the bottom of the spectrum: a singular value below
-    ~1e-8·σ_max reads as up to ~1e-8·σ_max. Only a numerically rank-deficient M has many of
-    those (the n × n core of the ``n < d`` route is generically full rank); there a near-zero
-    Procrustes residual may read as up to ~1e-4.
+    than an SVD on a GPU (71 ms against 330 ms for eight 896² matrices on an H100). Squaring
+    costs accuracy at the bottom of the spectrum: a singular value below ~1e-8·σ_max reads as
+    up to ~1e-8·σ_max. Only a numerically rank-deficient M has many of those (the n × n core of
+    the ``n < d`` route is generically full rank); there a near-zero Procrustes residual may
+    read as up to ~1e-4.
     """
     if method is None:
         method = "eig" if m.device.type == "cuda" else "svd"
@@ -378,7 +384,7 @@ def _self_product_norm(x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.matrix_norm(a.T @ a)
     edges = [i * width // blocks for i in range(blocks + 1)]
     total = a.new_zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in itertools.pairwise(edges):
         rows = a[:, lo:hi].T @ a[:, lo:]  # the blocks (i, j >= i) of AᵀA
         total = total + rows[:, : hi - lo].square().sum() + 2 * rows[:, hi - lo :].square().sum()
     return total.sqrt()

@@ -1,0 +1,261 @@
+"""Spectral metrics of one weight update, from its factors or from the dense weights.
+
+The metrics and their formulas are in the package's docstring (:mod:`arena_callbacks.spectra`).
+Everything is computed in float64 on the CPU; :func:`_host` makes those copies (gathering a
+sharded tensor whole first).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SPECTRAL_METRICS",
+    "PretrainedSVD",
+    "dense_update_metrics",
+    "lowrank_update_metrics",
+    "moving_average",
+    "pretrained_svd",
+    "smoothness",
+]
+
+#: Metric names, in the order the metric functions return them.
+SPECTRAL_METRICS: tuple[str, ...] = (
+    "rel_update_fro",
+    "rel_update_spec",
+    "stable_rank",
+    "intruders",
+    "retention_dev",
+    "retention_smooth",
+    "adaptation_smooth",
+)
+
+_F64 = torch.float64
+_CPU = torch.device("cpu")
+
+
+class PretrainedSVD(NamedTuple):
+    """Thin SVD ``W0 = u · diag(s) · vᵀ`` (float64): ``u`` is ``d_out × n``, ``v`` is ``d_in × n``."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+
+
+def pretrained_svd(w0: torch.Tensor) -> PretrainedSVD:
+    """The thin SVD of a pretrained weight, in float64 on the CPU (cache it per layer)."""
+    u, s, vh = torch.linalg.svd(_host(w0), full_matrices=False)
+    return PretrainedSVD(u, s, vh.mT)
+
+
+@torch.no_grad()
+def lowrank_update_metrics(
+    w0: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scaling: float,
+    *,
+    k: int = 10,
+    eps: float = 0.5,
+    w0_svd: PretrainedSVD | None = None,
+) -> dict[str, float]:
+    """Spectral metrics of a LoRA update ``ΔW = scaling · B @ A`` on top of ``w0``.
+
+    The norms come from thin QR factors ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A``:
+    ``ΔW = s · Q_B (R_B R_Aᵀ) Q_Aᵀ``, so ΔW has the singular values of the ``r × r`` core. The
+    profiles use ``u_iᵀ ΔW v_i = s (u_iᵀ B)(A v_i)`` and ``‖ΔW v_i‖ = |s| ‖R_B (A v_i)‖``. Only
+    ``intruders`` forms ``W_ft = w0 + ΔW``: it takes an exact SVD of it (skipped for ``k = 0``
+    and for ``ΔW = 0``).
+
+    Args:
+        w0: Pretrained weight, ``d_out × d_in``.
+        B: ``d_out × r`` factor (peft's ``lora_B.weight``).
+        A: ``r × d_in`` factor (peft's ``lora_A.weight``).
+        scaling: ``s`` (peft's ``scaling[adapter]``, ``lora_alpha / r`` or the rsLoRA value).
+        k: Top singular vectors of W_ft checked for intruders (0 turns the check off).
+        eps: An intruder's best |cosine| with W0's left singular vectors is below this.
+        w0_svd: :func:`pretrained_svd` of ``w0``, if already known.
+
+    Returns:
+        ``{metric: value}`` for every name in :data:`SPECTRAL_METRICS`; every value is NaN if
+        an input holds a NaN or an infinity.
+
+    Raises:
+        ValueError: shapes that do not fit, or a bad ``k`` / ``eps``.
+    """
+    w0, B, A = _host(w0), _host(B), _host(A)
+    _check_lowrank(w0, B, A)
+    _check_k_eps(k, eps)
+    if not _all_finite(w0, B, A) or not math.isfinite(scaling):
+        return dict.fromkeys(SPECTRAL_METRICS, math.nan)
+    svd = _checked_svd(w0, w0_svd)
+    r_b = torch.linalg.qr(B, mode="r").R
+    r_a = torch.linalg.qr(A.T, mode="r").R
+    sv = torch.linalg.svdvals(r_b @ r_a.T) * abs(scaling)
+    fro, spec = float(torch.linalg.vector_norm(sv)), float(sv.max()) if sv.numel() else 0.0
+    a_v = A @ svd.v  # r × n: A v_i in column i
+    retention = (scaling * ((svd.u.T @ B) * a_v.T).sum(dim=1)).abs()
+    adaptation = abs(scaling) * torch.linalg.vector_norm(r_b @ a_v, dim=0)
+    intruders = _intruders(lambda: w0 + scaling * (B @ A), svd.u, k, eps) if spec > 0 else 0.0
+    return _assemble(svd, fro, spec, retention, adaptation, intruders)
+
+
+@torch.no_grad()
+def dense_update_metrics(
+    w0: torch.Tensor,
+    w_ft: torch.Tensor,
+    *,
+    k: int = 10,
+    eps: float = 0.5,
+    w0_svd: PretrainedSVD | None = None,
+) -> dict[str, float]:
+    """Spectral metrics of any update ``ΔW = w_ft − w0`` (full finetuning, DoRA, OFT).
+
+    Costs the singular values of ΔW and, for intruders, an exact SVD of ``w_ft`` (skipped for
+    ``k = 0`` and for ``ΔW = 0``).
+
+    Args:
+        w0: Pretrained weight, ``d_out × d_in``.
+        w_ft: Finetuned weight, same shape.
+        k: Top singular vectors of W_ft checked for intruders (0 turns the check off).
+        eps: An intruder's best |cosine| with W0's left singular vectors is below this.
+        w0_svd: :func:`pretrained_svd` of ``w0``, if already known.
+
+    Returns:
+        ``{metric: value}`` for every name in :data:`SPECTRAL_METRICS`; every value is NaN if
+        an input holds a NaN or an infinity.
+
+    Raises:
+        ValueError: shapes that do not fit, or a bad ``k`` / ``eps``.
+    """
+    w0, w_ft = _host(w0), _host(w_ft)
+    _check_matrix("w0", w0)
+    if w_ft.shape != w0.shape:
+        raise ValueError(f"w_ft must have w0's shape {tuple(w0.shape)}; got {tuple(w_ft.shape)}")
+    _check_k_eps(k, eps)
+    if not _all_finite(w0, w_ft):
+        return dict.fromkeys(SPECTRAL_METRICS, math.nan)
+    svd = _checked_svd(w0, w0_svd)
+    dw = w_ft - w0
+    sv = torch.linalg.svdvals(dw)
+    fro, spec = float(torch.linalg.vector_norm(sv)), float(sv[0])
+    retention = ((svd.u.T @ dw) * svd.v.T).sum(dim=1).abs()  # diag(Uᵀ ΔW V)
+    adaptation = torch.linalg.vector_norm(dw @ svd.v, dim=0)
+    intruders = _intruders(lambda: w_ft, svd.u, k, eps) if spec > 0 else 0.0
+    return _assemble(svd, fro, spec, retention, adaptation, intruders)
+
+
+def moving_average(x: torch.Tensor, window: int = 5) -> torch.Tensor:
+    """Centred moving average with the window truncated at the ends (same length as ``x``).
+
+    ``out_i = mean(x_j for |j − i| ≤ window // 2, 0 ≤ j < len(x))``; ``window`` must be odd.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"window must be an odd int >= 1; got {window!r}")
+    x = torch.as_tensor(x, dtype=_F64).reshape(-1)
+    half = window // 2
+    sums = nn.functional.pad(x, (half, half)).unfold(0, window, 1).sum(dim=1)
+    counts = nn.functional.pad(torch.ones_like(x), (half, half)).unfold(0, window, 1).sum(dim=1)
+    return sums / counts
+
+
+def smoothness(profile: torch.Tensor | Sequence[float], window: int = 5) -> float:
+    """``mean_i |x_i − MA(x)_i|`` with :func:`moving_average`; 0.0 for an empty profile."""
+    x = torch.as_tensor(profile, dtype=_F64).reshape(-1)
+    if x.numel() == 0:
+        return 0.0
+    return float((x - moving_average(x, window)).abs().mean())
+
+
+def _assemble(
+    svd: PretrainedSVD, fro: float, spec: float, retention: torch.Tensor, adaptation: torch.Tensor, intruders: float
+) -> dict[str, float]:
+    w0_fro, sigma1 = float(torch.linalg.vector_norm(svd.s)), float(svd.s[0])
+    values = (
+        _ratio(fro, w0_fro),
+        _ratio(spec, sigma1),
+        fro**2 / spec**2 if spec > 0 else 0.0,
+        intruders,
+        _ratio(float(retention.mean()), sigma1),
+        smoothness(retention),
+        smoothness(adaptation),
+    )
+    return dict(zip(SPECTRAL_METRICS, values))
+
+
+def _intruders(w_ft: Callable[[], torch.Tensor], u0: torch.Tensor, k: int, eps: float) -> float:
+    """Top-``k`` left singular vectors of ``w_ft()`` whose best |cos| with ``u0``'s columns is < eps."""
+    if k == 0:
+        return 0.0
+    u_ft = torch.linalg.svd(w_ft(), full_matrices=False).U[:, :k]
+    best = (u_ft.T @ u0).abs().amax(dim=1)
+    return float((best < eps).sum())
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den``; a zero reference gives 0 when ``num`` is zero too, else ``inf``."""
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
+def _checked_svd(w0: torch.Tensor, svd: PretrainedSVD | None) -> PretrainedSVD:
+    if svd is None:
+        return pretrained_svd(w0)
+    n = min(w0.shape)
+    want = ((w0.shape[0], n), (n,), (w0.shape[1], n))
+    got = tuple(tuple(t.shape) for t in svd)
+    if got != want:
+        raise ValueError(f"w0_svd does not fit w0 {tuple(w0.shape)}: u, s, v shapes {got}, expected {want}")
+    return PretrainedSVD(*(_host(t) for t in svd))
+
+
+def _check_matrix(name: str, t: torch.Tensor) -> None:
+    if t.ndim != 2 or t.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 2-D matrix; got shape {tuple(t.shape)}")
+
+
+def _check_lowrank(w0: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> None:
+    _check_matrix("w0", w0)
+    if B.ndim != 2 or A.ndim != 2 or B.shape[0] != w0.shape[0] or A.shape[1] != w0.shape[1] or B.shape[1] != A.shape[0]:
+        raise ValueError(
+            f"B must be d_out × r and A r × d_in for w0 {tuple(w0.shape)}; got B {tuple(B.shape)}, A {tuple(A.shape)}"
+        )
+
+
+def _check_k_eps(k: int, eps: float) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an int >= 0; got {k!r}")
+    if not 0 < eps <= 1:
+        raise ValueError(f"eps must be in (0, 1]; got {eps!r}")
+
+
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """Detached float64 CPU copy of a tensor (a DTensor is gathered whole first: a collective)."""
+    return _gathered(t).to(device=_CPU, dtype=_F64)
+
+
+def _gathered(t: torch.Tensor) -> torch.Tensor:
+    """Detached, and gathered whole when sharded: a collective, every rank must call it.
+
+    A DTensor (FSDP2) is gathered with ``full_tensor()``; a DeepSpeed ZeRO-3 parameter (it has
+    ``ds_id``; its local data is an empty placeholder) inside ``GatheredParameters`` and copied
+    out before it is partitioned again.
+    """
+    if hasattr(t, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+            return t.detach().clone()
+    t = t.detach()
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
