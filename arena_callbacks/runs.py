@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import MonitorConfig
 from .exceptions import ArenaError
-from .layout import ADAPTER_FILES, HISTORY_FILE, MODEL_FILES, MONITOR_DIR, SUMMARY_FILE
+from .layout import ADAPTER_FILES, HISTORY_FILE, MODEL_FILES, MONITOR_DIR, SUMMARY_FILE, RunLayout
 from .measurements import Snapshot, current_records
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,6 +75,11 @@ class Run:
     decisions: list[dict[str, Any]] = field(default_factory=list)
     output_dir: Path | None = None
     trainable_parameters: int | None = None
+
+    @property
+    def layout(self) -> RunLayout:
+        """The run folder's files (``history.jsonl``, ``summary.json``, ``probes.json``...)."""
+        return RunLayout(self.path)
 
     # ------------------------------------------------------------------ frames
     def metrics_frame(self) -> pd.DataFrame:
@@ -250,33 +255,34 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     """
     given = Path(path)
     mdir, odir = _monitor_dir(given)
+    layout = RunLayout(mdir)
     snapshots: list[Snapshot] = []
     decisions: list[dict[str, Any]] = []
-    lines = [(i, ln) for i, ln in enumerate((mdir / HISTORY_FILE).read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
+    lines = [(i, ln) for i, ln in enumerate(layout.history.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()]
     for n, (i, line) in enumerate(lines):
         try:
             snap = Snapshot.from_json(json.loads(line))
         except (ValueError, KeyError, TypeError) as e:
             if n == len(lines) - 1:  # a last line cut short by a crash mid-write
-                logger.warning("arena-callbacks: skipping unreadable last line %d of %s (%s)", i, mdir / HISTORY_FILE, e)
+                logger.warning("arena-callbacks: skipping unreadable last line %d of %s (%s)", i, layout.history, e)
                 continue
-            raise ArenaError(f"{mdir / HISTORY_FILE}, line {i}: not a snapshot record ({e})") from e
+            raise ArenaError(f"{layout.history}, line {i}: not a snapshot record ({e})") from e
         extra = dict(snap.extra)
         decisions.append(extra.pop("decision", None) or {})
         snapshots.append(Snapshot(snap.step, snap.metrics, snap.epoch, snap.trigger, extra))
 
     summary: dict[str, Any] = {}
-    if (mdir / SUMMARY_FILE).is_file():
+    if layout.summary.is_file():
         try:
-            summary = json.loads((mdir / SUMMARY_FILE).read_text(encoding="utf-8"))
+            summary = json.loads(layout.summary.read_text(encoding="utf-8"))
         except ValueError as e:
-            logger.warning("arena-callbacks: could not read %s (%s)", mdir / SUMMARY_FILE, e)
+            logger.warning("arena-callbacks: could not read %s (%s)", layout.summary, e)
     config = MonitorConfig()
     if isinstance(summary.get("config"), dict):
         try:
             config = MonitorConfig.model_validate(summary["config"])
         except ValueError as e:
-            logger.warning("arena-callbacks: config in %s not understood (%s); using defaults", mdir / SUMMARY_FILE, e)
+            logger.warning("arena-callbacks: config in %s not understood (%s); using defaults", layout.summary, e)
     tp = summary.get("trainable_parameters")
     run_name = name or (mdir.parent.name if mdir.name == MONITOR_DIR and mdir.parent.name else mdir.name)
     return Run(
