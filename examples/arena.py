@@ -102,6 +102,23 @@ def load_base(args):
     return model, tok, probes, target, train
 
 
+def build_model(method: str, args):
+    """(model wrapped for ``method``, tokenizer, probes, target rows, training rows), seeded.
+
+    The same ``--seed`` gives the same starting weights whatever ran before in the process.
+    ``get_peft_model`` draws LoRA's A matrices from the global torch RNG, which PyTorch seeds at
+    random in every new process, and ``Trainer`` seeds it only later, in its ``__init__``; unseeded,
+    every run started from another adapter (issue 17). Seeded again after the base model because
+    ``--quick`` pretrains it on a cold cache (drawing random numbers) and loads it on a warm one.
+    """
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    model, tok, probes, target, train = load_base(args)
+    set_seed(args.seed)
+    return wrap(method, model, args.quick), tok, probes, target, train
+
+
 def wrap(method: str, model, quick: bool):
     if method == "full":
         return model
@@ -150,8 +167,7 @@ def probe_printer():
 def run_method(method: str, args, out: Path) -> Path:
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
-    model, tok, probes, target, train = load_base(args)
-    model = wrap(method, model, args.quick)
+    model, tok, probes, target, train = build_model(method, args)  # seeded: the same run for the same seed
     lr = args.learning_rate or METHODS[method][1 if args.quick else 0]
     config = config_for(args)
     shutil.rmtree(out, ignore_errors=True)

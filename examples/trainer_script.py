@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from arena_callbacks import ForgettingMonitor  # NEW (1/3)
@@ -28,6 +28,9 @@ class ScriptArguments:
 
 def main():
     script, args = HfArgumentParser((ScriptArguments, TrainingArguments)).parse_args_into_dataclasses()
+    # Seed before building the model: Trainer seeds only in its __init__, and anything random before
+    # it (peft.get_peft_model's LoRA init, weights a checkpoint lacks) would differ on every run.
+    set_seed(args.seed)
     model, tok = load_model_and_tokenizer(script.model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
