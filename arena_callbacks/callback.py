@@ -20,13 +20,14 @@ from .config import MonitorConfig
 from .engine import ForgettingEngine, StepOutcome
 from .layout import STATE_FILE
 from .tensorboard import resolve_tensorboard_dir
+from .views import EngineViews
 
 __all__ = ["ForgettingMonitor"]
 
 logger = logging.getLogger("arena_callbacks")
 
 
-class ForgettingMonitor(TrainerCallback):
+class ForgettingMonitor(EngineViews, TrainerCallback):
     """Watches a finetune for forgetting and stops (or rewinds) it when a budget is exhausted.
 
     Args:
@@ -40,6 +41,9 @@ class ForgettingMonitor(TrainerCallback):
             backend and to put its TensorBoard events beside the trainer's; without it the
             trainer is looked up once, when training starts.
         **config_fields: Top-level config fields, merged over ``config``.
+
+    What the engine knows is readable on the monitor (:class:`~arena_callbacks.views.EngineViews`):
+    ``history``, ``stop_decision``, ``rewinds``, ``config``, ``output_dir``...
 
     Example:
         >>> monitor = ForgettingMonitor(
@@ -69,67 +73,6 @@ class ForgettingMonitor(TrainerCallback):
         """Tell the monitor which trainer it watches (see ``trainer`` above); returns the monitor."""
         self._trainer = trainer
         return self
-
-    # ------------------------------------------------------------------ what the engine knows
-    @property
-    def config(self) -> MonitorConfig:
-        return self.engine.config
-
-    @property
-    def history(self):
-        return self.engine.history
-
-    @property
-    def stop_decision(self):
-        return self.engine.stop_decision
-
-    @property
-    def last_decision(self):
-        return self.engine.last_decision
-
-    @property
-    def rewinds(self) -> list[dict[str, Any]]:
-        return self.engine.rewinds
-
-    @property
-    def runner(self):
-        return self.engine.measurer.runner
-
-    @property
-    def geometry(self):
-        return self.engine.measurer.geometry
-
-    @property
-    def baseline_results(self):
-        return self.engine.baseline_results
-
-    @property
-    def measured_keys(self) -> list[str]:
-        return self.engine.measured_keys
-
-    @property
-    def output_dir(self) -> Path | None:
-        return self.engine.output_dir
-
-    @property
-    def overhead(self) -> dict[str, float]:
-        return self.engine.schedule.overhead
-
-    @property
-    def next_probe_step(self) -> int | None:
-        return self.engine.schedule.next_probe_step
-
-    @property
-    def resumed_from(self) -> Path | None:
-        return self.engine.resumed_from
-
-    @property
-    def base_model_path(self) -> str | None:
-        return self.engine.base_model_path
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.engine.tokenizer
 
     # ------------------------------------------------------------------ trainer events
     def on_train_begin(

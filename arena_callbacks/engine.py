@@ -43,7 +43,7 @@ from .measure import Measurer, with_sp
 from .measurements import TARGET, Snapshot, current_records
 from .probes import ProbeFailure, ProbeResult, ProbeSet
 from .rewind import load_state_file, save_state_file
-from .rewinder import Rewinder
+from .rewinder import Rewinder, rewind_message, sp_pair
 from .schedule import ProbeSchedule, ProbeTiming, overhead_fraction
 from .sinks import HistorySink, LogSink, Sink
 from .sp import operating_point, trajectory
@@ -279,14 +279,14 @@ class ForgettingEngine:
 
         info, metrics = self.rewinder.rewind(model, step, decision, breach, baseline, measure)
         metrics = with_sp(self.history.snapshots, step, metrics, self.config, trigger="rewind")
-        info["before"] = _sp_pair(breach.metrics)
-        info["after"] = _sp_pair(metrics)
+        info["before"] = sp_pair(breach.metrics)
+        info["after"] = sp_pair(metrics)
         info["then"] = self.rewinder.then(info["number"])
         self.rewinder.rewinds.append(info)
         snapshot = Snapshot(step, metrics, epoch, trigger="rewind", extra={"rewind": info})
         self._record(snapshot, None)
         self.rewinder.offer(model, snapshot, baseline)
-        message = _rewind_message(info, self.config.rewind.lr_factor)
+        message = rewind_message(info, self.config.rewind.lr_factor)
         if self.ctx.is_main:
             logger.warning("arena-callbacks: %s", message)
         self._scalars({"rewind/count": float(len(self.rewinds)),
@@ -446,25 +446,6 @@ def _probe_sets(probes: dict[str, Any] | None, target: Any, config: MonitorConfi
     return sets
 
 
-def _sp_pair(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {"plasticity": metrics.get("sp/plasticity"), "stability": metrics.get("sp/stability")}
-
-
-def _fmt_pair(pair: dict[str, Any]) -> str:
-    p, q = pair.get("plasticity"), pair.get("stability")
-    return f"P={p:.3f}, S={q:.3f}" if p is not None and q is not None else (f"S={q:.3f}" if q is not None else "-")
-
-
-def _rewind_message(info: dict[str, Any], lr_factor: float) -> str:
-    if "alpha" in info:
-        what = f"rewound along the path ({info['mode']}) to α={info['alpha']:g}"
-    else:
-        what = f"rewound to the state of step {info.get('restored_step')}"
-    then = "stopping" if info["then"] == "stop" else f"continuing with the learning rate ×{lr_factor:g}"
-    return (f"rewind {info['number']} at step {info['at_step']}: {what} "
-            f"({_fmt_pair(info['before'])} → {_fmt_pair(info['after'])}); {then}")
-
-
 def _base_model_path(model: torch.nn.Module) -> str | None:
     """Where the pretrained weights came from, for post-hoc rewinds (``None`` if unknown)."""
     base = getattr(model, "module", model)
@@ -481,4 +462,5 @@ def _base_model_path(model: torch.nn.Module) -> str | None:
 def _count_trainable(model: torch.nn.Module) -> int:
     """Trainable parameters, counting DeepSpeed ZeRO-3 partitions at their full size."""
     return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters() if p.requires_grad)
+
 

@@ -36,7 +36,7 @@ from .rewind import (
 )
 from .sp import better_point, choose
 
-__all__ = ["Rewinder"]
+__all__ = ["Rewinder", "rewind_message", "sp_pair"]
 
 logger = logging.getLogger("arena_callbacks")
 
@@ -240,3 +240,22 @@ class Rewinder:
                 raise ValueError(f"resume from {folder}: rewind.mode {self.config.rewind.mode!r} needs the step-0 "
                                  f"state {path.name}, which the checkpoint does not hold (was the mode changed?)")
             self.theta0.restore(path, int(data.get("theta0_step") or 0))
+
+
+def sp_pair(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {"plasticity": metrics.get("sp/plasticity"), "stability": metrics.get("sp/stability")}
+
+
+def _fmt_pair(pair: dict[str, Any]) -> str:
+    p, q = pair.get("plasticity"), pair.get("stability")
+    return f"P={p:.3f}, S={q:.3f}" if p is not None and q is not None else (f"S={q:.3f}" if q is not None else "-")
+
+
+def rewind_message(info: dict[str, Any], lr_factor: float) -> str:
+    if "alpha" in info:
+        what = f"rewound along the path ({info['mode']}) to α={info['alpha']:g}"
+    else:
+        what = f"rewound to the state of step {info.get('restored_step')}"
+    then = "stopping" if info["then"] == "stop" else f"continuing with the learning rate ×{lr_factor:g}"
+    return (f"rewind {info['number']} at step {info['at_step']}: {what} "
+            f"({_fmt_pair(info['before'])} → {_fmt_pair(info['after'])}); {then}")
