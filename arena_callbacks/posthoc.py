@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,8 +142,6 @@ def rewind_run(
         RewindError: no saved states, no probe rows, no base model, or a path that cannot be
             followed for these tensors.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     run = load_run(run_dir)
     states = _saved_states(run)
     if not states:
@@ -152,8 +150,38 @@ def rewind_run(
             "model (trainer.save_model); save checkpoints (save_strategy) to rewind after the fact"
         )
     probes = _load_probes(run)
-    is_adapter = any((states[-1][3] / f).is_file() for f in ADAPTER_FILES)
-    base_path = _base_path(run, states[-1][3], base_model, is_adapter)
+    last = states[-1][3]
+    is_adapter = any((last / f).is_file() for f in ADAPTER_FILES)
+    base_path = _base_path(run, last, base_model, is_adapter)
+    model, tokenizer = _load_pretrained(states, base_path, device)
+    prober = _Prober(run, probes, tokenizer)
+    base_metrics = prober.pretrained(model)
+    candidates = [Candidate("pretrained", "pretrained", 0, 0.0, base_metrics)]
+    weights = _adapter_weights(model, last, device) if is_adapter else _full_weights(model, last)
+
+    saved, kept = _probe_saved_states(run, states, weights, prober)
+    candidates += saved
+    on_path, kept_on_path = _probe_path(run, weights, prober, saved[-1], alphas, layerwise)
+    candidates += on_path
+    kept.update(kept_on_path)
+    chosen = _choose(run, candidates, base_metrics)
+
+    out_dir = Path(out) if out is not None else (run.output_dir or run.path) / "rewound"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights.apply(weights.pretrained() if chosen.source == "pretrained" else kept[chosen.label])
+    weights.model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    _write_outputs(run, out_dir, candidates, chosen, base_path, is_adapter)
+    return out_dir
+
+
+_State = dict[str, torch.Tensor]
+
+
+def _load_pretrained(states: list[tuple[str, str, int | None, Path]], base_path: str, device: str) -> tuple[Any, Any]:
+    """The pretrained model (float32, eval mode, on ``device``) and the tokenizer of the newest saved state."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok_dir = next((p for *_, p in reversed(states) if (p / "tokenizer_config.json").is_file()), None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir or base_path))
@@ -162,96 +190,145 @@ def rewind_run(
         raise RewindError(f"could not load the pretrained model or tokenizer from {base_path!s} ({e}); "
                           "pass --base-model with a local folder") from e
     model.to(device).eval()
-    runner = ProbeRunner(probes, run.config.probe)
-    runner.prepare(tokenizer)
-    ctx = DistContext()
+    return model, tokenizer
 
-    def measure(desc: str) -> dict[str, float]:
-        results = runner.run(model, ctx, desc=desc)
-        return build_snapshot(results, baseline, probes, stability=run.config.stability,
-                              plasticity=run.config.plasticity)
 
-    baseline = runner.run(model, ctx, desc="arena rewind: pretrained")
-    base_metrics = build_snapshot(baseline, baseline, probes, stability=run.config.stability,
-                                  plasticity=run.config.plasticity)
-    candidates = [Candidate("pretrained", "pretrained", 0, 0.0, base_metrics)]
+class _Prober:
+    """The run's probes on the model being rewound, as snapshot metrics against the pretrained pass."""
 
-    if is_adapter:
-        from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+    def __init__(self, run: Run, probes: dict[str, ProbeSet], tokenizer: Any) -> None:
+        self.run, self.probes = run, probes
+        self.runner = ProbeRunner(probes, run.config.probe)
+        self.runner.prepare(tokenizer)
+        self.ctx = DistContext()
+        self.baseline: dict[str, Any] = {}
 
-        model = PeftModel.from_pretrained(model, str(states[-1][3]), is_trainable=False).to(device).eval()
+    def pretrained(self, model: Any) -> dict[str, float]:
+        """Probe the pretrained model: the baseline of every later measurement (and its own metrics)."""
+        self.baseline = self.runner.run(model, self.ctx, desc="arena rewind: pretrained")
+        return self._snapshot(self.baseline)
 
-        def read(folder: Path) -> dict[str, torch.Tensor]:
-            from peft.utils import load_peft_weights
+    def measure(self, model: Any, desc: str) -> dict[str, float]:
+        return self._snapshot(self.runner.run(model, self.ctx, desc=desc))
 
-            return {k: v.float() for k, v in load_peft_weights(str(folder), device="cpu").items()}
+    def _snapshot(self, results: Any) -> dict[str, float]:
+        config = self.run.config
+        return build_snapshot(results, self.baseline, self.probes, stability=config.stability,
+                              plasticity=config.plasticity)
 
-        def apply(state: dict[str, torch.Tensor]) -> None:
-            set_peft_model_state_dict(model, state)
 
-        theta1 = read(states[-1][3])
-        theta0 = _adapter_theta0(theta1)
-        own = get_peft_model_state_dict(model)
-        if set(own) != set(theta1):
-            logger.warning("arena-callbacks: adapter keys differ from the saved ones; using the saved ones")
-    else:
-        def read(folder: Path) -> dict[str, torch.Tensor]:
-            m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-            return {k: v.detach().clone() for k, v in m.state_dict().items()}
+@dataclass
+class _Weights:
+    """The probed model's weights: read from a saved folder, loaded into ``model``, and the path's ends.
 
-        def apply(state: dict[str, torch.Tensor]) -> None:
-            model.load_state_dict(state, strict=True)
+    ``theta1`` is the newest saved state; ``theta0`` its pretrained counterpart, ``None`` where
+    that is unknown (an adapter with tensors that do not start at zero).
+    """
 
-        theta0 = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        theta1 = read(states[-1][3])
+    model: Any
+    read: Callable[[Path], _State]
+    apply: Callable[[_State], None]
+    theta0: _State | None
+    theta1: _State
+    adapter: bool
 
-    kept: dict[str, dict[str, torch.Tensor]] = {}
+    def pretrained(self) -> _State:
+        """A state that computes as the pretrained model: zero-initialised adapter tensors zeroed."""
+        if self.adapter:
+            return {k: v * 0 if _is_zero_at_init(k) else v for k, v in self.theta1.items()}
+        assert self.theta0 is not None
+        return self.theta0
+
+
+def _adapter_weights(model: Any, last: Path, device: str) -> _Weights:
+    """The saved adapter in ``last`` put on ``model`` (a PEFT model, eval mode), its tensors as states."""
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+
+    peft_model = PeftModel.from_pretrained(model, str(last), is_trainable=False).to(device).eval()
+
+    def read(folder: Path) -> _State:
+        from peft.utils import load_peft_weights
+
+        return {k: v.float() for k, v in load_peft_weights(str(folder), device="cpu").items()}
+
+    def apply(state: _State) -> None:
+        set_peft_model_state_dict(peft_model, state)
+
+    theta1 = read(last)
+    theta0 = _adapter_theta0(theta1)
+    own = get_peft_model_state_dict(peft_model)
+    if set(own) != set(theta1):
+        logger.warning("arena-callbacks: adapter keys differ from the saved ones; using the saved ones")
+    return _Weights(peft_model, read, apply, theta0, theta1, adapter=True)
+
+
+def _full_weights(model: Any, last: Path) -> _Weights:
+    """Full finetuning: whole state dicts, the pretrained one copied from ``model`` first."""
+    from transformers import AutoModelForCausalLM
+
+    def read(folder: Path) -> _State:
+        m = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    def apply(state: _State) -> None:
+        model.load_state_dict(state, strict=True)
+
+    theta0 = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return _Weights(model, read, apply, theta0, read(last), adapter=False)
+
+
+def _probe_saved_states(
+    run: Run, states: list[tuple[str, str, int | None, Path]], weights: _Weights, prober: _Prober
+) -> tuple[list[Candidate], dict[str, _State]]:
+    """A candidate per saved state (in order, the final model last) and the states by label."""
+    candidates: list[Candidate] = []
+    kept: dict[str, _State] = {}
     rewound = _rewound_at(run)
     for label, source, step, folder in states:
-        state = theta1 if folder == states[-1][3] else read(folder)
-        apply(state)
+        state = weights.theta1 if folder == states[-1][3] else weights.read(folder)
+        weights.apply(state)
         kept[label] = state
-        candidates.append(Candidate(label, source, step, 1.0, measure(f"arena rewind: {label}"),
+        candidates.append(Candidate(label, source, step, 1.0, prober.measure(weights.model, f"arena rewind: {label}"),
                                     rewind=rewound.get(step) if step is not None else None))
-    last = candidates[-1]
+    return candidates, kept
 
+
+def _probe_path(
+    run: Run, weights: _Weights, prober: _Prober, last: Candidate, alphas: Sequence[float] | None, layerwise: bool
+) -> tuple[list[Candidate], dict[str, _State]]:
+    """A candidate per ``α`` on the path from the pretrained weights to the newest state (none when
+    ``theta0`` is unknown) and the states by label."""
     path_alphas = sorted(set(alphas if alphas is not None else run.config.rewind.alphas))
+    theta0, theta1 = weights.theta0, weights.theta1
     if theta0 is None:
         logger.warning("arena-callbacks: this adapter holds tensors whose pretrained value is unknown "
                        "(e.g. DoRA magnitudes); choosing among saved states only")
         path_alphas = []
     rules = path_rules(theta0) if theta0 is not None else {}
     names = list(theta1)
+    candidates: list[Candidate] = []
+    kept: dict[str, _State] = {}
     for a in path_alphas:
         if not 0 <= a <= 1:
             raise RewindError(f"alphas: {a} is outside [0, 1]")
         assert theta0 is not None
         state = interpolate(theta0, theta1, alphas_for(names, a, layerwise), rules)
-        apply(state)
+        weights.apply(state)
         label = f"{last.label} α={a:g}" + (" (layer-wise)" if layerwise else "")
         kept[label] = state
-        candidates.append(Candidate(label, "path", last.step, a, measure(f"arena rewind: α={a:g}")))
+        candidates.append(Candidate(label, "path", last.step, a, prober.measure(weights.model, f"arena rewind: α={a:g}")))
+    return candidates, kept
 
+
+def _choose(run: Run, candidates: list[Candidate], base_metrics: dict[str, float]) -> Candidate:
+    """Mark each candidate in or out of the run's budgets; pick and mark the operating point among those in."""
     for c in candidates:
         c.in_budget = c.source == "pretrained" or in_budget(run.config.budgets, c.metrics, base_metrics)
     ok = [c for c in candidates if c.in_budget]
     # No target probe: the last in-budget candidate.
     chosen = ok[choose([c.metrics for c in ok], run.config.operating_point)]
     chosen.chosen = True
-
-    out_dir = Path(out) if out is not None else (run.output_dir or run.path) / "rewound"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if chosen.source == "pretrained":
-        if is_adapter:
-            apply({k: v * 0 if _is_zero_at_init(k) else v for k, v in theta1.items()})
-        else:
-            apply(theta0)
-    else:
-        apply(kept[chosen.label])
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
-    _write_outputs(run, out_dir, candidates, chosen, base_path, is_adapter)
-    return out_dir
+    return chosen
 
 
 def _is_zero_at_init(name: str) -> bool:
@@ -306,8 +383,8 @@ def _write_outputs(run: Run, out: Path, cands: list[Candidate], chosen: Candidat
             else "AutoModelForCausalLM.from_pretrained(out)")
     md = [
         f"# Rewind of {run.name}", "",
-        f"Chosen: **{chosen.label}** (P = {format_value(chosen.plasticity)}, S = {format_value(chosen.stability)}), "
-        f"by the `{run.config.operating_point.rule}` rule among the candidates within the run's stop/rewind budgets.",
+        (f"Chosen: **{chosen.label}** (P = {format_value(chosen.plasticity)}, S = {format_value(chosen.stability)}), "
+         f"by the `{run.config.operating_point.rule}` rule among the candidates within the run's stop/rewind budgets."),
         "", f"Written to `{out}` ({'adapter' if adapter else 'full model'}; load with `{load}`, base: `{base}`).", "",
         "| candidate | source | step | α | P | S | in budget |", "|---|---|---:|---:|---:|---:|---|",
     ]

@@ -59,7 +59,6 @@ COMPARE_FILE = "compare.md"
 PROCRUSTES = "geometry/procrustes/"
 
 
-
 def format_value(v: float | None, digits: int = 4) -> str:
     if v is None:
         return "n/a"
@@ -175,19 +174,27 @@ def write_report(run: Run, out_dir: str | Path) -> Path:
     if geom is None and (out / "geometry.png").exists():
         (out / "geometry.png").unlink()  # stale from an earlier report
 
-    snaps = run.snapshots
-    current = run.current_snapshots()
-    gone = set(_superseded(snaps))
-    base = run.baseline
-    final = run.final
+    gone = set(_superseded(run.snapshots))
     best = run.operating_record()  # the same point as traj["operating_point"], with its record
-    op: SPPoint | None = trajectory([best])[0] if best is not None else None
-    opc = run.config.operating_point
-    rule = (f"max of {opc.weight:g}·P + S" if opc.rule == "weighted" else f"best P with S ≥ {opc.min_stability:g}")
+    md = [
+        *_header_section(run, ret["rewinds"], gone),
+        *_points_section(run, best, traj["overshoot_step"]),
+        *_metrics_table(run, best, ret["rewinds"], gone),
+        *_breaches_section(run),
+        *_recommendation_section(run, best),
+        *_plots_section(geom is not None),
+    ]
+    path = out / REPORT_FILE
+    path.write_text("\n".join(md), encoding="utf-8")
+    return path
 
+
+def _header_section(run: Run, rewinds: list[dict[str, Any]], gone: set[int]) -> list[str]:
+    """The title and the run's facts: folder, probe steps, probes, parameters, stop, rewinds."""
+    base, final = run.baseline, run.final
     md: list[str] = [f"# Forgetting report: {run.name}", ""]
     md.append(f"- Run folder: `{run.path}`")
-    md.append(f"- Probe steps: {len(current)}"
+    md.append(f"- Probe steps: {len(run.current_snapshots())}"
               + (f" (baseline at step {base.step}, last at step {final.step})" if base and final else "")
               + (f"; {len(gone)} more record{'s' * (len(gone) != 1)} replaced by a rewind" if gone else ""))
     if run.summary.get("probes"):
@@ -197,16 +204,23 @@ def write_report(run: Run, out_dir: str | Path) -> Path:
         md.append(f"- **Stopped at step {run.stop_step}**: {run.stop_message or ''}")
     else:
         md.append("- Not stopped by a budget" + ("" if run.summary else " (no summary.json: the run may still be going)"))
-    for r in ret["rewinds"]:
-        info = snaps[r["index"]].extra.get("rewind", {})
+    for r in rewinds:
+        info = run.snapshots[r["index"]].extra.get("rewind", {})
         pairs = [(info.get(w) or {}) for w in ("before", "after")]
         moved = "; ".join(f"{name} {format_value(pairs[0].get(key), 3)} → {format_value(pairs[1].get(key), 3)}"
                           for name, key in (("P", "plasticity"), ("S", "stability")))
         md.append(f"- Rewind {r['number']} at step {r['step']} ({r['mode']}): loaded {_rewind_target(info)} ({moved}); "
                   f"then {r['then']}.")
     md.append("")
+    return md
 
-    md += ["## Baseline, final and best point", ""]
+
+def _points_section(run: Run, best: Snapshot | None, overshoot: int | None) -> list[str]:
+    """"Baseline, final and best point": the operating point, its rule, and the overshoot step."""
+    op: SPPoint | None = trajectory([best])[0] if best is not None else None
+    opc = run.config.operating_point
+    rule = (f"max of {opc.weight:g}·P + S" if opc.rule == "weighted" else f"best P with S ≥ {opc.min_stability:g}")
+    md = ["## Baseline, final and best point", ""]
     if op is not None and best is not None:
         info = best.extra.get("rewind", {})
         where = f"step {op.step}" + (f" after rewind {info.get('number', '?')} (the state it loaded, "
@@ -215,37 +229,48 @@ def write_report(run: Run, out_dir: str | Path) -> Path:
                   f"(rule: {rule}).")
     else:
         md.append("No operating point: `sp/plasticity` and `sp/stability` were not both measured (no target probe?).")
-    if traj["overshoot_step"] is not None:
-        md.append(f"Overshoot from step {traj['overshoot_step']}: past it, stability was traded for target gain faster "
+    if overshoot is not None:
+        md.append(f"Overshoot from step {overshoot}: past it, stability was traded for target gain faster "
                   f"than the exchange rate {opc.exchange_rate:g}.")
     md.append("")
-    if base is not None and final is not None:
-        keys = sorted(k for k in {k for s in snaps for k in s.metrics} if k.startswith(_REPORT_PREFIXES))
-        keys.sort(key=lambda k: (next(i for i, p in enumerate(_REPORT_PREFIXES) if k.startswith(p)), k))
-        head = f"| metric | baseline (step {base.step}) | final (step {final.step}{_after_rewind(final)}) |"
-        sep = "|---|---:|---:|"
-        if best is not None:
-            head += f" best (step {best.step}{_after_rewind(best)}) |"
-            sep += "---:|"
-        md += [head, sep]
-        for k in keys:
-            row = f"| `{k}` | {format_value(base.metrics.get(k))} | {format_value(final.metrics.get(k))} |"
-            if best is not None:
-                row += f" {format_value(best.metrics.get(k))} |"
-            md.append(row)
-        md.append("")
-        for r in ret["rewinds"]:
-            loaded, i = snaps[r["index"]], r["index"] - 1
-            breach = f" ({_sp_text(snaps[i])})" if i in gone and _sp_text(snaps[i]) else ""
-            what = _sp_text(loaded) or _rewind_target(loaded.extra.get("rewind", {}))
-            md.append(f"At step {r['step']} rewind {r['number']} replaced the breach measured there{breach}: the "
-                      f"record of that step is the state it loaded ({what}): the weights the model went on from, and "
-                      "what a checkpoint saved at that step holds. The breach is in the breaches table and the plots "
-                      "only.")
-        if ret["rewinds"]:
-            md.append("")
+    return md
 
-    md += ["## Breaches and actions", ""]
+
+def _metrics_table(run: Run, best: Snapshot | None, rewinds: list[dict[str, Any]], gone: set[int]) -> list[str]:
+    """The baseline / final / best table of the reported keys, then a note per rewind."""
+    base, final, snaps = run.baseline, run.final, run.snapshots
+    if base is None or final is None:
+        return []
+    keys = sorted(k for k in {k for s in snaps for k in s.metrics} if k.startswith(_REPORT_PREFIXES))
+    keys.sort(key=lambda k: (next(i for i, p in enumerate(_REPORT_PREFIXES) if k.startswith(p)), k))
+    head = f"| metric | baseline (step {base.step}) | final (step {final.step}{_after_rewind(final)}) |"
+    sep = "|---|---:|---:|"
+    if best is not None:
+        head += f" best (step {best.step}{_after_rewind(best)}) |"
+        sep += "---:|"
+    md = [head, sep]
+    for k in keys:
+        row = f"| `{k}` | {format_value(base.metrics.get(k))} | {format_value(final.metrics.get(k))} |"
+        if best is not None:
+            row += f" {format_value(best.metrics.get(k))} |"
+        md.append(row)
+    md.append("")
+    for r in rewinds:
+        loaded, i = snaps[r["index"]], r["index"] - 1
+        breach = f" ({_sp_text(snaps[i])})" if i in gone and _sp_text(snaps[i]) else ""
+        what = _sp_text(loaded) or _rewind_target(loaded.extra.get("rewind", {}))
+        md.append(f"At step {r['step']} rewind {r['number']} replaced the breach measured there{breach}: the "
+                  f"record of that step is the state it loaded ({what}): the weights the model went on from, and "
+                  "what a checkpoint saved at that step holds. The breach is in the breaches table and the plots "
+                  "only.")
+    if rewinds:
+        md.append("")
+    return md
+
+
+def _breaches_section(run: Run) -> list[str]:
+    """"Breaches and actions": the table of breaches and the actions that fired."""
+    md = ["## Breaches and actions", ""]
     breaches = run.breaches()
     if not run.config.budgets and not breaches:
         md.append("No budgets were configured.")
@@ -264,23 +289,24 @@ def write_report(run: Run, out_dir: str | Path) -> Path:
             for r in fired:
                 md.append(f"- step {r['step']}: **{r['action']}** — {r['message']}")
     md.append("")
+    return md
 
-    md += ["## Recommended checkpoint", ""]
-    if best is None:
-        md.append("None: no operating point.")
-    else:
-        md += _recommendation(run, best)
-    md.append("")
 
-    md += ["## Plots", "", "- [Stability-plasticity trajectory](trajectory.png)", "- [Retention](retention.png)"]
-    if geom is not None:
+def _recommendation_section(run: Run, best: Snapshot | None) -> list[str]:
+    """"Recommended checkpoint" (:func:`_recommendation` of the operating record)."""
+    lines = _recommendation(run, best) if best is not None else ["None: no operating point."]
+    return ["## Recommended checkpoint", "", *lines, ""]
+
+
+def _plots_section(geometry: bool) -> list[str]:
+    """Links to the figures, then the figures."""
+    md = ["## Plots", "", "- [Stability-plasticity trajectory](trajectory.png)", "- [Retention](retention.png)"]
+    if geometry:
         md.append("- [Activation geometry (Procrustes)](geometry.png)")
     md += ["", "![trajectory](trajectory.png)", "", "![retention](retention.png)", ""]
-    if geom is not None:
+    if geometry:
         md += ["![geometry](geometry.png)", ""]
-    path = out / REPORT_FILE
-    path.write_text("\n".join(md), encoding="utf-8")
-    return path
+    return md
 
 
 # --------------------------------------------------------------------------- comparison
@@ -326,8 +352,8 @@ def compare_runs(runs: Sequence[Run], out_dir: str | Path) -> Path:
     md = [
         "# Runs compared",
         "",
-        "| run | target gain (final) | target gain (best) | retention kept (final) | trainable parameters "
-        "| frontier area | operating point step |",
+        ("| run | target gain (final) | target gain (best) | retention kept (final) | trainable parameters "
+         "| frontier area | operating point step |"),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -339,8 +365,8 @@ def compare_runs(runs: Sequence[Run], out_dir: str | Path) -> Path:
                   f"| {tp} | {format_value(r['frontier_area'])} | {op} |")
     md += [
         "",
-        "Target gain is `sp/plasticity`, retention kept `sp/stability`, both at the last probe step; best is the "
-        "largest gain seen. Frontier area is the area the run's non-dominated (P, S) points dominate above (0, 0).",
+        ("Target gain is `sp/plasticity`, retention kept `sp/stability`, both at the last probe step; best is the "
+         "largest gain seen. Frontier area is the area the run's non-dominated (P, S) points dominate above (0, 0)."),
         *(["", ("After a rewind the state it loaded counts for its step (*after rewind n*), not the breach "
                 "measured before it there.")] if any(r["rewinds"] for r in rows) else []),
         "",
