@@ -399,6 +399,7 @@ class ForgettingEngine:
             return
         folder = Path(folder)
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             if self.rewinder is not None:
                 self.rewinder.export(folder)
             if self.ctx.is_main:

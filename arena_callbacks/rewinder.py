@@ -207,6 +207,10 @@ class Rewinder:
         for group in inner.param_groups:
             group["lr"] = group["lr"] * factor
         inner.state.clear()
+        # accelerate's AcceleratedScheduler keeps the real one in ``.scheduler``: without this, the
+        # next scheduler step would put the old rate back.
+        while lr_scheduler is not None and not hasattr(lr_scheduler, "base_lrs") and hasattr(lr_scheduler, "scheduler"):
+            lr_scheduler = lr_scheduler.scheduler
         if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
             lr_scheduler.base_lrs = [lr * factor for lr in lr_scheduler.base_lrs]
 

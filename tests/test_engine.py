@@ -160,6 +160,14 @@ def test_rewinder_restores_the_best_state_and_continues_with_a_lower_rate(tmp_pa
     assert rewinder.then(1) == "continue" and rewinder.then(2) == "stop"
     rewinder.continue_training(opt, sched)
     assert [g["lr"] for g in opt.param_groups] == [0.05] and sched.base_lrs == [0.05] and not opt.state
+    # accelerate wraps the scheduler: the rate it restores at its next step is lowered too.
+    from accelerate.scheduler import AcceleratedScheduler
+
+    opt, sched = _sgd(model)
+    rewinder.continue_training(opt, AcceleratedScheduler(sched, opt))
+    assert sched.base_lrs == [0.05]
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.05]
     # Its state round-trips through a checkpoint folder.
     rewinder.rewinds.append(info)
     rewinder.export(tmp_path)

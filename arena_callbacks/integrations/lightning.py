@@ -54,6 +54,7 @@ from ..config import MonitorConfig
 from ..engine import ForgettingEngine, StepOutcome
 from ..layout import STATE_FILE
 from ..rewind import load_state_file, save_state_file
+from ..views import EngineViews
 
 __all__ = ["ForgettingCallback"]
 
@@ -63,7 +64,7 @@ logger = logging.getLogger("arena_callbacks")
 STATE_VERSION = 1
 
 
-class ForgettingCallback(pl.Callback):
+class ForgettingCallback(EngineViews, pl.Callback):
     """Watches a Lightning fit for forgetting and stops (or rewinds) it when a budget is exhausted.
 
     Args:
@@ -98,31 +99,6 @@ class ForgettingCallback(pl.Callback):
         self._last_step: int | None = None
         self._loaded: dict[str, Any] | None = None
         self._trainer: Any = None
-
-    # ------------------------------------------------------------------ what the engine knows
-    @property
-    def config(self) -> MonitorConfig:
-        return self.engine.config
-
-    @property
-    def history(self):
-        return self.engine.history
-
-    @property
-    def stop_decision(self):
-        return self.engine.stop_decision
-
-    @property
-    def rewinds(self) -> list[dict[str, Any]]:
-        return self.engine.rewinds
-
-    @property
-    def output_dir(self) -> Path | None:
-        return self.engine.output_dir
-
-    @property
-    def resumed_from(self) -> Path | None:
-        return self.engine.resumed_from
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
