@@ -11,6 +11,7 @@ import hashlib
 import random
 import re
 import sysconfig
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -91,16 +92,9 @@ def text_passages(split: Split = "probe") -> tuple[str, ...]:
     from pydoc_data.topics import topics
 
     # Some paragraphs appear under several topics: the train split never repeats a probe one.
-    seen: set[str] = set(text_passages("probe")) if split == "train" else set()
-    out = []
-    for key in sorted(topics):
-        if _split_of(key) != split:
-            continue
-        for text in _prose_paragraphs(topics[key]):
-            if text not in seen:
-                seen.add(text)
-                out.append(text)
-    return tuple(out)
+    exclude = text_passages("probe") if split == "train" else ()
+    return _distinct((t for key in sorted(topics) if _split_of(key) == split for t in _prose_paragraphs(topics[key])),
+                     exclude)
 
 
 def _build_general_text(rng: random.Random, n: int, tokenizer: Any) -> list[Row]:
@@ -169,15 +163,20 @@ def code_passages(split: Split = "probe") -> tuple[str, ...]:
         files = [root / name for name in CODE_PROBE_MODULES]
     else:
         files = sorted(p for p in root.glob("*.py") if p.name not in CODE_PROBE_MODULES)
-    seen: set[str] = set(code_passages("probe")) if split == "train" else set()
+    exclude = code_passages("probe") if split == "train" else ()
+    chunks = (c for path in files if path.is_file()
+              for c in _code_chunks(path.read_text(encoding="utf-8", errors="replace")))
+    return _distinct(chunks, exclude)
+
+
+def _distinct(passages: Iterable[str], exclude: Iterable[str]) -> tuple[str, ...]:
+    """``passages`` in their order, each once, less those in ``exclude``."""
+    seen = set(exclude)
     out = []
-    for path in files:
-        if not path.is_file():
-            continue
-        for chunk in _code_chunks(path.read_text(encoding="utf-8", errors="replace")):
-            if chunk not in seen:
-                seen.add(chunk)
-                out.append(chunk)
+    for text in passages:
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
     return tuple(out)
 
 
