@@ -1,5 +1,6 @@
 # make demo  - set up (first time only) and run the demo arena: SmolLM2-135M + LoRA forgets, the monitor rewinds it
 # make test  - set up (first time only) and run the tests
+# make lint  - ruff check (the rules in pyproject.toml); .ci/run runs it before the tests
 # make setup - only the set-up (scripts/setup.sh: venv, CPU torch where there is no GPU, package)
 # make clean - remove demo outputs and caches (make distclean also removes .venv)
 #
@@ -11,7 +12,7 @@ export VENV
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean distclean
+.PHONY: setup demo test lint clean distclean
 
 setup:
 	bash scripts/setup.sh
@@ -21,6 +22,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf runs .cache .pytest_cache build dist *.egg-info
