@@ -22,7 +22,7 @@ Steps, for each method:
    frontiers on one picture and a table.
 
 Methods and their learning rates (one rate does not fit all: OFT diverged at a rate where LoRA
-learned well, DESIGN.md §7): LoRA r8 (2e-3; 2.44M trainable parameters on SmolLM2), OFT block 32
+learned well, docs/design.md §9): LoRA r8 (2e-3; 2.44M trainable parameters on SmolLM2), OFT block 32
 (5e-4; 2.32M, a matched budget), full finetuning (1e-4; 135M).
 """
 
