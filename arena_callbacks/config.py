@@ -294,10 +294,11 @@ class RewindConfig(_Frozen):
             per layer.
         then: After the rewind, ``stop`` training or ``continue`` it with the learning rate times
             ``lr_factor`` and fresh optimizer moments.
-        max_rewinds: With ``then: continue``, rewinds allowed; the next rewind also stops.
+        max_rewinds: With ``then: continue``, the most rewinds in a run: rewinds before the
+            ``max_rewinds``-th continue training, that one stops it.
         lr_factor: Learning-rate multiplier applied at each continued rewind.
-        alphas: Interior ``α`` values probed by ``path``/``layerwise`` (``0`` and ``1`` are known
-            already: the baseline and the current point).
+        alphas: Interior ``α`` values probed by ``path``/``layerwise``, each strictly between 0
+            and 1 (``0`` and ``1`` are known already: the baseline and the current point).
         storage: Where the best in-budget state is kept: ``memory`` (CPU), ``disk`` (the monitor's
             own folder, out of reach of ``save_total_limit``), or ``auto``: memory up to
             ``max_memory_mb``, else disk.
@@ -331,7 +332,7 @@ class LoggingConfig(_Frozen):
         tensorboard: Write scalars with the monitor's own writer (rank 0 only).
         tensorboard_dir: Folder for those events; default the trainer's TensorBoard folder
             (the one its TensorBoard callback uses, else ``$TENSORBOARD_LOGGING_DIR``, else
-            ``<output_dir>/runs/arena``).
+            ``<trainer output_dir>/runs/arena``).
         log_to_trainer: Also pass the scalars through ``Trainer.log`` so every ``report_to``
             backend and ``state.log_history`` receive them.
         sp_plane_image: With TensorBoard on, draw the stability-plasticity trajectory as the

@@ -335,7 +335,7 @@ class ForgettingEngine:
                            "them again", self.layout.probes, e)
 
     def summary(self) -> dict[str, Any]:
-        """What ``summary.json`` holds (see the README's outputs)."""
+        """What ``summary.json`` holds (docs/outputs.md)."""
         first, last = self.history.snapshots[0], self.history.snapshots[-1]
         summary = {
             "stopped": self.stop_decision is not None,
