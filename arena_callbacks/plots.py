@@ -78,7 +78,8 @@ def trajectory_figure(
         _draw_path(ax, pts, rewound, data)
     _draw_choices(ax, pts, held, rewound, data)
     if not pts:
-        ax.text(0.5, 0.5, "no sp/plasticity and sp/stability measured", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no sp/plasticity and sp/stability measured", ha="center", va="center",
+                transform=ax.transAxes)
     ax.set_xlabel("plasticity P (target gain)")
     ax.set_ylabel("stability S (retention)")
     ax.set_title(title)
@@ -282,7 +283,9 @@ def _retention_figure(name: str, data: dict[str, Any]) -> Any:
     return fig
 
 
-def _draw_panel(ax: Any, prefix: str, ser: dict[str, list[float]], data: dict[str, Any], plain_stop: int | None) -> None:
+def _draw_panel(
+    ax: Any, prefix: str, ser: dict[str, list[float]], data: dict[str, Any], plain_stop: int | None
+) -> None:
     """One panel's series (loaded points circled), its budgets' thresholds, the rewinds and a plain stop."""
     steps, rewinds = data["steps"], data["rewinds"]
     for k, v in ser.items():

@@ -316,7 +316,8 @@ def _probe_path(
         weights.apply(state)
         label = f"{last.label} α={a:g}" + (" (layer-wise)" if layerwise else "")
         kept[label] = state
-        candidates.append(Candidate(label, "path", last.step, a, prober.measure(weights.model, f"arena rewind: α={a:g}")))
+        metrics = prober.measure(weights.model, f"arena rewind: α={a:g}")
+        candidates.append(Candidate(label, "path", last.step, a, metrics))
     return candidates, kept
 
 

@@ -203,7 +203,8 @@ def _header_section(run: Run, rewinds: list[dict[str, Any]], gone: set[int]) -> 
     if run.stop_step is not None:
         md.append(f"- **Stopped at step {run.stop_step}**: {run.stop_message or ''}")
     else:
-        md.append("- Not stopped by a budget" + ("" if run.summary else " (no summary.json: the run may still be going)"))
+        md.append("- Not stopped by a budget"
+                  + ("" if run.summary else " (no summary.json: the run may still be going)"))
     for r in rewinds:
         info = run.snapshots[r["index"]].extra.get("rewind", {})
         pairs = [(info.get(w) or {}) for w in ("before", "after")]
@@ -225,8 +226,8 @@ def _points_section(run: Run, best: Snapshot | None, overshoot: int | None) -> l
         info = best.extra.get("rewind", {})
         where = f"step {op.step}" + (f" after rewind {info.get('number', '?')} (the state it loaded, "
                                      f"{_rewind_target(info)})" if best.trigger == "rewind" else "")
-        md.append(f"Best (operating) point: {where}, P = {format_value(op.plasticity)}, S = {format_value(op.stability)} "
-                  f"(rule: {rule}).")
+        md.append(f"Best (operating) point: {where}, P = {format_value(op.plasticity)}, "
+                  f"S = {format_value(op.stability)} (rule: {rule}).")
     else:
         md.append("No operating point: `sp/plasticity` and `sp/stability` were not both measured (no target probe?).")
     if overshoot is not None:
@@ -361,8 +362,8 @@ def compare_runs(runs: Sequence[Run], out_dir: str | Path) -> Path:
         op = str(r["operating_step"]) if r["operating_step"] is not None else "n/a"
         if r["operating_rewind"] is not None:
             op += f" (after rewind {r['operating_rewind']})"
-        md.append(f"| {r['run']} | {format_value(r['gain_final'])} | {format_value(r['gain_best'])} | {format_value(r['retention_final'])} "
-                  f"| {tp} | {format_value(r['frontier_area'])} | {op} |")
+        md.append(f"| {r['run']} | {format_value(r['gain_final'])} | {format_value(r['gain_best'])} "
+                  f"| {format_value(r['retention_final'])} | {tp} | {format_value(r['frontier_area'])} | {op} |")
     md += [
         "",
         ("Target gain is `sp/plasticity`, retention kept `sp/stability`, both at the last probe step; best is the "
