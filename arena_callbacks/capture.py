@@ -323,7 +323,7 @@ class GeometryTracker:
     def restore_cache(self, cache: dict[str, torch.Tensor]) -> None:
         """Take ``cache`` as the baseline activations (a fresh one, or one a checkpoint kept)."""
         from .geometry import reference_stats
-        from .rewind import state_bytes
+        from .tensors import state_bytes
 
         self.cache = cache
         # The cache's own products, formed once for every step (from the values measure() reads).

@@ -45,6 +45,8 @@ from typing import Literal
 
 import torch
 
+from .tensors import load_state_file, save_state_file, state_bytes
+
 __all__ = [
     "PathRule",
     "Slot",
@@ -139,10 +141,6 @@ def is_finite_state(state: Mapping[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
-def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
 def path_rules(theta0: Mapping[str, torch.Tensor]) -> dict[str, PathRule]:
     """How each parameter moves along the path (see the module docs)."""
     rules: dict[str, PathRule] = {n: "lerp" for n in theta0}
@@ -205,23 +203,6 @@ def layerwise_alphas(names: Sequence[str], alpha: float) -> dict[str, float]:
 
 def alphas_for(names: Sequence[str], alpha: float, layerwise: bool) -> float | dict[str, float]:
     return layerwise_alphas(names, alpha) if layerwise else alpha
-
-
-def save_state_file(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """Write a state as safetensors (atomically: a temporary file, then a rename)."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({n: t.contiguous() for n, t in state.items()}, str(tmp))
-    tmp.replace(path)
-
-
-def load_state_file(path: str | Path) -> State:
-    from safetensors.torch import load_file
-
-    return dict(load_file(str(path), device="cpu"))
 
 
 class Slot:
