@@ -260,10 +260,11 @@ def _metrics_table(run: Run, best: Snapshot | None, rewinds: list[dict[str, Any]
         loaded, i = snaps[r["index"]], r["index"] - 1
         breach = f" ({_sp_text(snaps[i])})" if i in gone and _sp_text(snaps[i]) else ""
         what = _sp_text(loaded) or _rewind_target(loaded.extra.get("rewind", {}))
+        held = ("the weights training went on from" if loaded.extra.get("rewind", {}).get("then") == "continue"
+                else "the weights the run ended with")
         md.append(f"At step {r['step']} rewind {r['number']} replaced the breach measured there{breach}: the "
-                  f"record of that step is the state it loaded ({what}): the weights the model went on from, and "
-                  "what a checkpoint saved at that step holds. The breach is in the breaches table and the plots "
-                  "only.")
+                  f"record of that step is the state it loaded ({what}): {held}, and what a checkpoint saved at "
+                  "that step holds. The breach is in the breaches table and the plots only.")
     if rewinds:
         md.append("")
     return md

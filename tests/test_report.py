@@ -432,6 +432,7 @@ def test_report_after_a_rewind(rewound_run):
     assert ("Best (operating) point: step 10 after rewind 1 (the state it loaded, α = 0.5), P = 1.0000, S = 0.9820 "
             "(rule: max of 1·P + S).") in md
     assert "At step 10 rewind 1 replaced the breach measured there (P = 1.8000, S = 0.3290)" in md
+    assert "(P = 1.0000, S = 0.9820): the weights the run ended with, and what a checkpoint" in md
     assert "- Rewind 1 at step 10 (path): loaded α = 0.5 (P 1.800 → 1.000; S 0.329 → 0.982); then stop." in md
     assert "- Probe steps: 3 (baseline at step 0, last at step 10); 1 more record replaced by a rewind" in md
     assert "| 10 | delta_nll/general | `delta_nll/general` | 1.2000 | 0.0000 | patience_exhausted | rewind |" in md
@@ -451,6 +452,7 @@ def test_report_after_a_rewind_that_went_on(tmp_path):
     md = write_report(run, out / "report").read_text()
     assert "| metric | baseline (step 0) | final (step 20) | best (step 10, after rewind 1) |" in md
     assert "| `sp/stability` | 1.0000 | 0.6000 | 0.9820 |" in md
+    assert "the weights training went on from, and what a checkpoint saved at that step holds" in md
     assert f"The model saved in `{out}` is the final state (step 20), not this one" in md
     assert f"`checkpoint-10` (`{out / 'checkpoint-10'}`) holds this rewound state" in md
     r = plot_retention(run, tmp_path / "r.png")
