@@ -53,9 +53,9 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from demo import tokenize_task  # noqa: E402,F401  (examples/demo.py; prompt + completion + EOS, loss on the answer)
 
 from arena_callbacks import ForgettingMonitor, MonitorConfig  # noqa: E402
-from demo import tokenize_task  # noqa: E402,F401  (examples/demo.py; prompt + completion + EOS, loss on the answer)
 
 # (learning rate on SmolLM2, learning rate on the --quick tiny model)
 METHODS = {"lora": (2e-3, 3e-3), "oft": (5e-4, 3e-3), "full": (1e-4, 1e-3)}

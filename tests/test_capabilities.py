@@ -7,12 +7,12 @@ import json
 import re
 
 import pytest
+from helpers import make_tokenizer
 
 from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks import capabilities as caps
 from arena_callbacks.capabilities import CAPABILITIES, build_capabilities, build_capability
 from arena_callbacks.models import default_cache_dir
-from helpers import make_tokenizer
 
 KINDS = ("text", "multiple_choice", "completion")  # the probe kinds of arena_callbacks.probes
 NAMES = sorted(CAPABILITIES)

@@ -254,7 +254,8 @@ def test_reference_stats_give_the_same_values_and_catch_another_reference(n: int
     assert geometry_metrics(t0, t1, gram_rows=30, reference=ref) == pytest.approx(
         geometry_metrics(t0, t1, gram_rows=30), rel=1e-12
     )
-    with pytest.raises(ValueError, match=rf"computed for x0 of shape \({n}, {d}\) with gram_rows=30; .* gram_rows=1024"):
+    shape = rf"computed for x0 of shape \({n}, {d}\) with gram_rows=30; .* gram_rows=1024"
+    with pytest.raises(ValueError, match=shape):
         geometry_metrics(t0, t1, reference=ref)
     with pytest.raises(ValueError, match=r"computed from another x0"):
         geometry_metrics(t0 * 1.001, t1, gram_rows=30, reference=ref)
@@ -314,7 +315,10 @@ def test_eig_nuclear_norm_on_rank_deficient_matrix() -> None:
         _nuclear_norm(torch.from_numpy(c), "qr")
 
 
-@pytest.mark.parametrize(("policy", "size", "threads_inside"), [("PASSIVE", 40, 1), ("passive", 40, 1), ("", 40, None), ("PASSIVE", 800, None)])
+@pytest.mark.parametrize(
+    ("policy", "size", "threads_inside"),
+    [("PASSIVE", 40, 1), ("passive", 40, 1), ("", 40, None), ("PASSIVE", 800, None)],
+)
 def test_small_cpu_svd_on_one_thread_under_passive_omp_wait(monkeypatch, policy, size, threads_inside) -> None:
     # Under OMP_WAIT_POLICY=PASSIVE a small SVD runs on one thread (the caller's count is kept
     # otherwise and restored after, also when the SVD fails); the value does not change.

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import make_model, make_tokenizer
 
 from arena_callbacks import ArenaError, models
 from arena_callbacks.models import (
@@ -20,7 +21,6 @@ from arena_callbacks.models import (
     load_model_and_tokenizer,
     resolve_model,
 )
-from helpers import make_model, make_tokenizer
 
 pytest.importorskip("gguf")
 

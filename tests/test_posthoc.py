@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
+from helpers import TARGET_TEXT, corpus, pretrained_model
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from arena_callbacks import ForgettingMonitor
 from arena_callbacks.cli import main
 from arena_callbacks.measurements import build_snapshot
 from arena_callbacks.posthoc import RewindError, rewind_run
-from helpers import TARGET_TEXT, corpus, pretrained_model
 
 GENERAL = [{"text": s} for s in corpus(16, seed=7)]
 TARGET = [{"prompt": "one two three", "completion": " four five six"}]
@@ -78,7 +78,8 @@ def test_posthoc_rewind_of_a_lora_run(tokenizer, lora_run):
     rew = out / "rewound"
     result = json.loads((rew / "rewind.json").read_text())
     labels = [c["label"] for c in result["candidates"]]
-    assert labels == ["pretrained", "checkpoint-2", "checkpoint-4", "checkpoint-6", "final", "final α=0.3", "final α=0.6"]
+    assert labels == ["pretrained", "checkpoint-2", "checkpoint-4", "checkpoint-6", "final", "final α=0.3",
+                      "final α=0.6"]
     chosen = check_choice(result)
     # Saved states measured post hoc equal what the monitor measured live at those steps.
     live = {s.step: s.metrics for s in monitor.history.snapshots}

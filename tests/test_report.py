@@ -260,7 +260,8 @@ def test_cli(run_a, run_b, tmp_path, capsys, monkeypatch):
 
 def test_python_m(run_a, tmp_path):
     out = run_a[0]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     res = subprocess.run([sys.executable, "-m", "arena_callbacks", "report", str(out), "--out", str(tmp_path / "m")],
                          capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -268,10 +269,10 @@ def test_python_m(run_a, tmp_path):
 
 
 def test_report_from_a_real_trainer_run(tokenizer, tmp_path):
+    from helpers import TARGET_TEXT, corpus, pretrained_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     from arena_callbacks import ForgettingMonitor
-    from helpers import TARGET_TEXT, corpus, pretrained_model
 
     monitor = ForgettingMonitor(
         {"cadence": {"every_n_steps": 2}, "probe": {"batch_size": 8, "max_length": 64},
@@ -470,7 +471,8 @@ def test_report_after_a_checkpoint_rewind(tmp_path):
     run = load_run(out)
     md = write_report(run, out / "report").read_text()
     assert "Step 10 after rewind 1 (the operating point: the state the rewind loaded, step 5)." in md
-    assert f"`checkpoint-5` (`{out / 'checkpoint-5'}`) holds the same weights: the rewind restored the state of step 5." in md
+    assert (f"`checkpoint-5` (`{out / 'checkpoint-5'}`) holds the same weights: the rewind restored the state "
+            "of step 5.") in md
     assert plot_retention(run, tmp_path / "r.png")["rewinds"][0]["label"] == "rewind 1 → step 5, then stop"
 
 
@@ -518,7 +520,8 @@ def test_report_from_a_real_run_that_rewound(tokenizer, tmp_path):
     step = monitor.rewinds[0]["at_step"]
     run = load_run(tmp_path)
     loaded = monitor.history.snapshots[-1]
-    assert loaded.trigger == "rewind" and run.final == loaded and run.rewinds()[0]["alpha"] == monitor.rewinds[0]["alpha"]
+    assert loaded.trigger == "rewind" and run.final == loaded
+    assert run.rewinds()[0]["alpha"] == monitor.rewinds[0]["alpha"]
     assert [c for c, _ in run.checkpoints()] == [step]  # saved at the rewind, not by save_steps
     md = write_report(run, tmp_path / "report").read_text()
     assert f"| final (step {step}, after rewind 1) |" in md
@@ -526,7 +529,8 @@ def test_report_from_a_real_run_that_rewound(tokenizer, tmp_path):
     assert run.operating_record() is run.final
     assert f"best (step {step}, after rewind 1) |" in md
     assert (f"The model saved in `{tmp_path}` is this rewound state (rewind 1 at step {step}, "
-            f"α = {monitor.rewinds[0]['alpha']:g}): load it with `AutoModelForCausalLM.from_pretrained('{tmp_path}')`") in md
+            f"α = {monitor.rewinds[0]['alpha']:g}): load it with "
+            f"`AutoModelForCausalLM.from_pretrained('{tmp_path}')`") in md
     assert f"`checkpoint-{step}` (`{tmp_path / f'checkpoint-{step}'}`) holds this rewound state" in md
     # ...and it does: the checkpoint and the saved model hold the same (rewound) weights.
     ckpt = AutoModelForCausalLM.from_pretrained(tmp_path / f"checkpoint-{step}").state_dict()
