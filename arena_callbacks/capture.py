@@ -316,7 +316,8 @@ class GeometryTracker:
             raise ValueError(
                 f"geometry.max_cache_mb: the baseline activation cache needs {size:.1f} MB "
                 f"({len(current)} modules × {self.capture.n_tokens if self.capture else 0} tokens) but the cap is "
-                f"{self.config.max_cache_mb} MB; lower geometry.tokens_per_module, track fewer modules, or raise the cap"
+                f"{self.config.max_cache_mb} MB; lower geometry.tokens_per_module, track fewer modules, "
+                "or raise the cap"
             )
         self.restore_cache({n: x.to(dtype) for n, x in current.items()})
 

@@ -11,7 +11,10 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="arena-callbacks", description="Reports, comparisons and after-the-fact rewinds of saved forgetting-monitor runs.")
+    p = argparse.ArgumentParser(
+        prog="arena-callbacks",
+        description="Reports, comparisons and after-the-fact rewinds of saved forgetting-monitor runs.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="plots and report.md for one run")
     r.add_argument("run_dir", help="a trainer output_dir holding arena/, or the monitor folder holding history.jsonl")

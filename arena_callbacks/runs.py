@@ -125,7 +125,9 @@ class Run:
         for snap, dec in zip(self.snapshots, self.decisions):
             for o in dec.get("outcomes", []) or []:
                 if o.get("in_breach"):
-                    out.append({"step": snap.step, **o, "value": _float(o.get("value")), "baseline": _float(o.get("baseline"))})
+                    out.append(
+                        {"step": snap.step, **o, "value": _float(o.get("value")), "baseline": _float(o.get("baseline"))}
+                    )
         return out
 
     # ------------------------------------------------------------------ rewinds

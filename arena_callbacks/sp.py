@@ -15,9 +15,9 @@ better".
   stability lost is rate 0 (no trade made).
 * **Overshoot**: the marginal rate stays above ``exchange_rate`` for ``overshoot_patience``
   consecutive probe points, counted only once the smoothed plasticity has risen above its start
-  (a run that has learned nothing yet has no best point to go past). The overshoot step is the point *after which* that run of rates
-  starts: the last point before the trajectory started paying too much stability per unit of
-  target gain.
+  (a run that has learned nothing yet has no best point to go past). The overshoot step is the
+  point *after which* that run of rates starts: the last point before the trajectory started
+  paying too much stability per unit of target gain.
 
 Example:
     >>> from arena_callbacks.config import OperatingPointConfig

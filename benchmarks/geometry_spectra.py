@@ -1,7 +1,8 @@
 """Cost of activation geometry and weight spectra on SmolLM2-135M, against the probe pass.
 
-Geometry (real SmolLM2-135M, 64 built-in ``general_text`` rows (the default ``probe.max_examples``), batch 16, the ``auto`` modules,
-1024 sampled tokens), timed side by side in one process (interleaved repetitions, medians):
+Geometry (real SmolLM2-135M, 64 built-in ``general_text`` rows (the default
+``probe.max_examples``), batch 16, the ``auto`` modules, 1024 sampled tokens), timed side by side
+in one process (interleaved repetitions, medians):
 
 * ``probe``: the scoring pass alone (``ProbeRunner.run``);
 * ``probe+capture``: the same pass with the capture hooks on;
@@ -92,7 +93,9 @@ def geometry(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     # LoRA: the pretrained side comes from a second, logits-free pass with the adapter off.
     lora = peft.get_peft_model(model, peft.LoraConfig(r=16, target_modules=["q_proj", "v_proj", "down_proj"]))
-    lt = GeometryTracker(GeometryConfig(enabled=True, tokens_per_module=args.tokens, reference="disable_adapter"), runner)
+    lt = GeometryTracker(
+        GeometryConfig(enabled=True, tokens_per_module=args.tokens, reference="disable_adapter"), runner
+    )
     lt.setup(lora)
 
     def lora_probe() -> None:
@@ -127,7 +130,9 @@ def spectra(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         pretrained_svd,
     )
 
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"]))
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in lora.named_parameters():
@@ -186,9 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     geo["meets_target"] = c["metrics_over_probe"] <= GEOMETRY_TARGET
     report = {"benchmark": "geometry_spectra", "model": MODEL, "machine": machine(), "geometry": geo, "spectra": spec}
     path = write_json("geometry_spectra", report, args.out)
-    print(f"geometry: probe {c['probe_s']:.2f} s, metrics {c['metrics_s']:.3f} s = {c['metrics_over_probe']:.1%} of the "
-          f"probe (target ≤ {GEOMETRY_TARGET:.0%}); capture +{c['capture_over_probe']:.1%}; cache {c['cache_mb']:.2f} MB; "
-          f"LoRA with its reference pass +{geo['disable_adapter_mode']['geometry_overhead_ratio']:.0%}")
+    print(
+        f"geometry: probe {c['probe_s']:.2f} s, metrics {c['metrics_s']:.3f} s = {c['metrics_over_probe']:.1%} of the "
+        f"probe (target ≤ {GEOMETRY_TARGET:.0%}); capture +{c['capture_over_probe']:.1%}; "
+        f"cache {c['cache_mb']:.2f} MB; "
+        f"LoRA with its reference pass +{geo['disable_adapter_mode']['geometry_overhead_ratio']:.0%}"
+    )
     for k in (0, 10):
         s = spec[f"k{k}"]
         print(f"spectra k={k}: factors {s['factors_s']:.3f} s, dense {s['dense_s']:.3f} s, {s['speedup']:.1f}x "

@@ -37,7 +37,9 @@ def random_init_model(source: Path, out: Path, seed: int = 0) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (source / "config.json").is_file():
-        raise SystemExit(f"--init-from {source}: no config.json there (copy a model folder's config and tokenizer files)")
+        raise SystemExit(
+            f"--init-from {source}: no config.json there (copy a model folder's config and tokenizer files)"
+        )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source), dtype=torch.float32)
     model.save_pretrained(out)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -140,7 +139,7 @@ def main(argv=None) -> int:
     lora = peft.get_peft_model(model, peft.LoraConfig(r=8, target_modules="all-linear")).to(dev)
     g = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():
-        for n_, prm in lora.named_parameters():
+        for _name, prm in lora.named_parameters():
             if prm.requires_grad:
                 prm.copy_((0.02 * torch.randn(prm.shape, generator=g)).to(dev))
     geo = {}
@@ -217,9 +216,13 @@ def main(argv=None) -> int:
     check("Trainer bf16=True: monitor baseline vs plain fp32 pass (rel)", worst, TRAINER_REL, worst <= TRAINER_REL)
 
     result = {
-        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"{dev.type} (dry run)", "model": label, "torch": torch.__version__,
-        "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-        "probe_seconds": {"fp32": t32, "bf16_autocast": t16}, "checks": rows,
+        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else f"{dev.type} (dry run)",
+        "model": label,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "probe_seconds": {"fp32": t32, "bf16_autocast": t16},
+        "checks": rows,
         "passed": all(r["ok"] for r in rows),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

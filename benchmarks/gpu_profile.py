@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
 
+    import probe_throughput as pt
     import torch
     from lm_eval.models.huggingface import HFLM
     from torch.profiler import ProfilerActivity, profile
 
-    import probe_throughput as pt
     from arena_callbacks.distributed import DistContext
     from arena_callbacks.models import load_model_and_tokenizer
 
@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ids = torch.randint(0, tok.vocab_size, shape, device=dev)
     mask = torch.ones(shape, dtype=torch.long, device=dev)
-    lines = [f"model: {model_label(args.model)}; device: {torch.cuda.get_device_name(0) if dev == 'cuda' else dev}; "
-             f"workload {args.workload}, {len(rows)} rows, batch {args.batch_size}; ProbeRunner plan: {len(plan)} forwards"]
+    lines = [
+        f"model: {model_label(args.model)}; device: {torch.cuda.get_device_name(0) if dev == 'cuda' else dev}; "
+        f"workload {args.workload}, {len(rows)} rows, batch {args.batch_size}; ProbeRunner plan: {len(plan)} forwards"
+    ]
     with torch.no_grad():
         bare = interleaved({"all": lambda: model(input_ids=ids, attention_mask=mask),
                             "last": lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1)},

@@ -177,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
               "machine": machine(), "runs": runs, "checks": checks, "rewind_snapshots": snapshots()}
     path = write_json("memory", report, args.out)
     for v, r in runs.items():
-        print(f"{v:<17} peak RSS {r['peak_rss_mb']:7.0f} MB, during training {r['train_peak_rss_mb'] or float('nan'):7.0f} MB"
-              f" ({r['probes']} probe passes, geometry cache {r['geometry_cache_mb']:.1f} MB)")
+        print(
+            f"{v:<17} peak RSS {r['peak_rss_mb']:7.0f} MB, "
+            f"during training {r['train_peak_rss_mb'] or float('nan'):7.0f} MB"
+            f" ({r['probes']} probe passes, geometry cache {r['geometry_cache_mb']:.1f} MB)"
+        )
     for k, c in checks.items():
         print(f"{k:<38} {c['ratio']:.3f}x  ({c['measured_mb']:.0f} MB, allowed {c['allowed_mb']:.0f} MB)  "
               f"{'PASS' if c['meets_target'] else 'FAIL'}")

@@ -63,19 +63,38 @@ def smollm2_setup(device: str, spec: str = MODEL) -> dict[str, Any]:
 
     def model() -> Any:
         m, _ = load_model_and_tokenizer(spec, progress=False)
-        return peft.get_peft_model(m.to(device), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+        return peft.get_peft_model(
+            m.to(device), peft.LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+        )
 
-    return {"tok": tok, "data": data, "model": model, "lr": 2e-3, "trainable": "lora", "steps": 100, "repeats": 2, "budgets": (0.03,),
-            "probes": build_capabilities(["general_text", "world_knowledge"], n=16)}
+    return {
+        "tok": tok,
+        "data": data,
+        "model": model,
+        "lr": 2e-3,
+        "trainable": "lora",
+        "steps": 100,
+        "repeats": 2,
+        "budgets": (0.03,),
+        "probes": build_capabilities(["general_text", "world_knowledge"], n=16),
+    }
 
 
 def tiny_setup(device: str, spec: str | None = None) -> dict[str, Any]:  # spec: the smollm2 setup's only
     from helpers import TARGET_TEXT, corpus, make_tokenizer, pretrained_model
 
     tok = make_tokenizer()
-    return {"tok": tok, "data": [tok(TARGET_TEXT) for _ in range(64)], "lr": 1e-2, "trainable": "full", "steps": 300, "repeats": 20,
-            "budgets": (0.03, 0.1),
-            "model": lambda: pretrained_model().to(device), "probes": {"general": [{"text": s} for s in corpus(32, seed=1)]}}
+    return {
+        "tok": tok,
+        "data": [tok(TARGET_TEXT) for _ in range(64)],
+        "lr": 1e-2,
+        "trainable": "full",
+        "steps": 300,
+        "repeats": 20,
+        "budgets": (0.03, 0.1),
+        "model": lambda: pretrained_model().to(device),
+        "probes": {"general": [{"text": s} for s in corpus(32, seed=1)]},
+    }
 
 
 SETUPS = {"smollm2": smollm2_setup, "tiny": tiny_setup}
@@ -209,9 +228,15 @@ def bench_setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {name} {v}: {runs[v][-1]['seconds']:.1f} s", flush=True)
     plain = [r["seconds"] for r in runs["plain"]]
     plain_cpu = [r["cpu_seconds"] for r in runs["plain"]]
-    out: dict[str, Any] = {"steps": steps, "repeats": repeats, "plain_s": statistics.median(plain), "plain_times_s": plain,
-                           "plain_steps_s": [r["steps_seconds"] for r in runs["plain"]],
-                           "plain_cpu_s": plain_cpu, "variants": {}}
+    out: dict[str, Any] = {
+        "steps": steps,
+        "repeats": repeats,
+        "plain_s": statistics.median(plain),
+        "plain_times_s": plain,
+        "plain_steps_s": [r["steps_seconds"] for r in runs["plain"]],
+        "plain_cpu_s": plain_cpu,
+        "variants": {},
+    }
     for v in names[1:]:
         rs = runs[v]
         base = [r["overhead"]["baseline_seconds"] for r in rs]
@@ -257,8 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: smollm2 100, tiny 300)")
     ap.add_argument("--budgets", default=None,
                     help="cadence.overhead_budget values, comma-separated (default: smollm2 0.03, tiny 0.03,0.1)")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="interleaved repetitions of every variant (default: smollm2 2, tiny 20: its runs are short and noisy)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="interleaved repetitions of every variant (default: smollm2 2, tiny 20: its runs are short and noisy)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=MODEL, help="the smollm2 setup's model spec (built-in name or folder)")
@@ -269,18 +298,26 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("arena_callbacks").setLevel(logging.WARNING)
     results = {name: bench_setup(name, args) for name in args.setups.split(",")}
-    report = {"benchmark": "overhead", "model": model_label(args.model), "machine": machine(args.device), "results": results,
-              "note": "cadence.overhead_budget schedules probes; at_train_end is off so that only budgeted probes count"}
+    report = {
+        "benchmark": "overhead",
+        "model": model_label(args.model),
+        "machine": machine(args.device),
+        "results": results,
+        "note": "cadence.overhead_budget schedules probes; at_train_end is off so that only budgeted probes count",
+    }
     path = write_json("overhead" if args.device == "cpu" else f"overhead_{args.device}", report, args.out)
     for name, r in results.items():
         for v, x in r["variants"].items():
-            print(f"{name:<8} {v:<14} plain {r['plain_s']:6.1f} s; baseline pass {statistics.median(x['baseline_seconds']):5.1f} s "
-                  f"(once); overhead excl. baseline {x['overhead_excluding_baseline']:+.1%} wall, "
-                  f"{x['overhead_excluding_baseline_cpu']:+.1%} CPU time (in the steps {x['in_steps']:+.1%}, "
-                  f"around them {x['outside_steps']:+.1%}), monitor's share "
-                  f"{x['monitor_share'] if x['monitor_share'] is None else format(x['monitor_share'], '.1%')} "
-                  f"(budget {x['budget']:.0%}); "
-                  f"probes at {x['probe_steps']}; FLOPs floor {x['flops_floor']:.2%}")
+            print(
+                f"{name:<8} {v:<14} plain {r['plain_s']:6.1f} s; "
+                f"baseline pass {statistics.median(x['baseline_seconds']):5.1f} s "
+                f"(once); overhead excl. baseline {x['overhead_excluding_baseline']:+.1%} wall, "
+                f"{x['overhead_excluding_baseline_cpu']:+.1%} CPU time (in the steps {x['in_steps']:+.1%}, "
+                f"around them {x['outside_steps']:+.1%}), monitor's share "
+                f"{x['monitor_share'] if x['monitor_share'] is None else format(x['monitor_share'], '.1%')} "
+                f"(budget {x['budget']:.0%}); "
+                f"probes at {x['probe_steps']}; FLOPs floor {x['flops_floor']:.2%}"
+            )
     print(f"written to {path}")
     return 0
 

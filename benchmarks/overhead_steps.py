@@ -26,6 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import set_threads  # noqa: E402
 
+
 def variants(budgets: list[float]) -> dict[str, dict[str, Any] | None]:
     """The monitor's cadence section per variant; None: no monitor."""
     return {"plain": None,

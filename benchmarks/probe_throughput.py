@@ -28,8 +28,9 @@ import contextlib
 import random
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import interleaved, machine, model_label, paired_ratio, set_threads, write_json  # noqa: E402
@@ -146,7 +147,9 @@ def lm_eval_call(lm: Any, name: str, requests: list[Any]) -> Any:
     return lm.loglikelihood(requests, disable_tqdm=True)
 
 
-def run_workload(name: str, rows: list[dict[str, Any]], model: Any, tok: Any, lm: Any, args: argparse.Namespace) -> dict:
+def run_workload(
+    name: str, rows: list[dict[str, Any]], model: Any, tok: Any, lm: Any, args: argparse.Namespace
+) -> dict:
     kind = kind_of(name)
     runner = probe_runner(name, rows, tok, lm, args.batch_size)
     seqs = runner.sequences(name)
@@ -297,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--workloads", default="mc_single,mc_multi,text")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reference", type=int, default=8, help="sequences also scored by an unpadded fp64-softmax forward")
+    ap.add_argument(
+        "--reference", type=int, default=8, help="sequences also scored by an unpadded fp64-softmax forward"
+    )
     ap.add_argument("--model", default=MODEL, help="model spec for load_model_and_tokenizer (built-in name or folder)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -318,12 +323,24 @@ def main(argv: list[str] | None = None) -> int:
         rows = BUILDERS[name](args.rows, args.seed)
         r = run_workload(name, rows, model, tok, lm, args)
         results.append(r)
-        print(f"{name:<10} ProbeRunner {r['probe_runner_s']:7.2f} s   lm-eval {r['lm_eval_hflm_s']:7.2f} s   "
-              f"speedup {r['speedup']:.2f}x (target {r['target_speedup']}x, FLOP ratio {r['flop_ratio']:.2f}x)   max |Δ loglik| {r['max_abs_loglik_diff']:.1e}"
-              f"   accuracy {r['accuracy']}", flush=True)
-    report = {"benchmark": "probe_throughput", "model": model_label(args.model), "batch_size": args.batch_size, "repeats": args.repeats,
-              "machine": machine(args.device), "results": results}
-    path = write_json("probe_throughput" if args.device == "cpu" else f"probe_throughput_{args.device}", report, args.out)
+        print(
+            f"{name:<10} ProbeRunner {r['probe_runner_s']:7.2f} s   lm-eval {r['lm_eval_hflm_s']:7.2f} s   "
+            f"speedup {r['speedup']:.2f}x (target {r['target_speedup']}x, FLOP ratio {r['flop_ratio']:.2f}x)   "
+            f"max |Δ loglik| {r['max_abs_loglik_diff']:.1e}"
+            f"   accuracy {r['accuracy']}",
+            flush=True,
+        )
+    report = {
+        "benchmark": "probe_throughput",
+        "model": model_label(args.model),
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "machine": machine(args.device),
+        "results": results,
+    }
+    path = write_json(
+        "probe_throughput" if args.device == "cpu" else f"probe_throughput_{args.device}", report, args.out
+    )
     print(f"written to {path}")
     return 0 if all(r["scores_agree"] for r in results) else 1
 

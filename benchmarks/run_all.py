@@ -54,8 +54,15 @@ def throughput_rows(data: dict[str, Any], suffix: str = "") -> list[tuple[str, .
                      f"≥ {r['target_speedup']}x, never < 1x", verdict(r["meets_target"])))
         acc = r.get("accuracy")
         same = f", accuracy {acc['probe_runner']:.3f} = {acc['lm_eval_hflm']:.3f}" if acc else ""
-        rows.append((f"probe_throughput{suffix}", f"{labels[r['workload']]}: scores agree",
-                     f"max |Δ log-lik| {r['max_abs_loglik_diff']:.1e}{same}", r["tolerance"], verdict(r["scores_agree"])))
+        rows.append(
+            (
+                f"probe_throughput{suffix}",
+                f"{labels[r['workload']]}: scores agree",
+                f"max |Δ log-lik| {r['max_abs_loglik_diff']:.1e}{same}",
+                r["tolerance"],
+                verdict(r["scores_agree"]),
+            )
+        )
     return rows
 
 
@@ -80,8 +87,15 @@ def geometry_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
 def memory_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
     rows = []
     for k, c in data["checks"].items():
-        rows.append(("memory", f"peak RSS {k.replace('/', ': ')} vs plain", f"{c['ratio']:.3f}x ({c['measured_mb']:.0f} MB)",
-                     f"≤ {c['allowed_mb']:.0f} MB (1.05x + cache)", verdict(c["meets_target"])))
+        rows.append(
+            (
+                "memory",
+                f"peak RSS {k.replace('/', ': ')} vs plain",
+                f"{c['ratio']:.3f}x ({c['measured_mb']:.0f} MB)",
+                f"≤ {c['allowed_mb']:.0f} MB (1.05x + cache)",
+                verdict(c["meets_target"]),
+            )
+        )
     s = data["rewind_snapshots"]
     rows.append(("memory", "rewind state, LoRA r16 (q,v) / full finetuning",
                  f"{s['lora_r16_q_v']['state_mb']:.2f} MB ({s['lora_r16_q_v']['auto_storage']}) / "
@@ -96,22 +110,41 @@ def overhead_rows(data: dict[str, Any], suffix: str = "") -> list[tuple[str, ...
         for v, x in r["variants"].items():
             base = sorted(x["baseline_seconds"])[len(x["baseline_seconds"]) // 2]
             pairs = len(r["plain_times_s"])
-            rows.append((f"overhead{suffix}", f"{setup}, {r['steps']} steps, {v}: (monitored − baseline − plain) / plain",
-                         f"{x['overhead_excluding_baseline']:+.1%} wall, median of {pairs} pairs "
-                         f"{_pair_range(x['seconds'], x['baseline_seconds'], r['plain_times_s'])}, "
-                         f"{x.get('overhead_excluding_baseline_cpu', float('nan')):+.1%} CPU time (baseline pass "
-                         f"{base:.1f} s once; probes at steps {x['probe_steps']}; FLOPs floor {x['flops_floor']:.2%})",
-                         f"≤ {x['budget']:.0%}", verdict(x["meets_target"])))
+            rows.append(
+                (
+                    f"overhead{suffix}",
+                    f"{setup}, {r['steps']} steps, {v}: (monitored − baseline − plain) / plain",
+                    f"{x['overhead_excluding_baseline']:+.1%} wall, median of {pairs} pairs "
+                    f"{_pair_range(x['seconds'], x['baseline_seconds'], r['plain_times_s'])}, "
+                    f"{x.get('overhead_excluding_baseline_cpu', float('nan')):+.1%} CPU time (baseline pass "
+                    f"{base:.1f} s once; probes at steps {x['probe_steps']}; FLOPs floor {x['flops_floor']:.2%})",
+                    f"≤ {x['budget']:.0%}",
+                    verdict(x["meets_target"]),
+                )
+            )
             if "in_steps_per_pair" in x:
-                rows.append((f"overhead{suffix}", f"{setup}, {v}: the same excess, split into the optimizer steps' own time "
-                             "and the time around them (per pair, over plain)",
-                             f"in the steps {x['in_steps']:+.1%} {_range(x['in_steps_per_pair'])}, around them "
-                             f"{x['outside_steps']:+.1%} {_range(x['outside_steps_per_pair'])}",
-                             "(info: the probes run around the steps)", "n/a"))
+                rows.append(
+                    (
+                        f"overhead{suffix}",
+                        f"{setup}, {v}: the same excess, split into the optimizer steps' own time "
+                        "and the time around them (per pair, over plain)",
+                        f"in the steps {x['in_steps']:+.1%} {_range(x['in_steps_per_pair'])}, around them "
+                        f"{x['outside_steps']:+.1%} {_range(x['outside_steps_per_pair'])}",
+                        "(info: the probes run around the steps)",
+                        "n/a",
+                    )
+                )
             share = x.get("monitor_share")
             if share is not None:
-                rows.append((f"overhead{suffix}", f"{setup}, {v}: the monitor's own share of wall time after the baseline",
-                             f"{share:.1%}", f"≤ {x['budget']:.0%}", verdict(share <= x["budget"])))
+                rows.append(
+                    (
+                        f"overhead{suffix}",
+                        f"{setup}, {v}: the monitor's own share of wall time after the baseline",
+                        f"{share:.1%}",
+                        f"≤ {x['budget']:.0%}",
+                        verdict(share <= x["budget"]),
+                    )
+                )
     return rows
 
 
@@ -149,14 +182,33 @@ def details(name: str, data: dict[str, Any]) -> str:
         return table(rows, ("workload", "rows", "sequences", "tokens", "our forwards", "ProbeRunner s", "lm-eval s",
                             "speedup (wall)", "speedup (CPU time)", "|Δ| vs fp64 reference: ours / lm-eval"))
     if name == "scaling":
-        rows = [(r["rows"], r["length"], r["modules"] or "-", f"{r['probe_s']:.2f}" if "probe_s" in r else "-",
-                 f"{r['probe_with_capture_s']:.2f}" if "probe_with_capture_s" in r else "-",
-                 f"{r['metrics_s']:.3f}" if "metrics_s" in r else "-", f"{r['cache_mb']:.2f}" if "cache_mb" in r else "-")
-                for r in data["table"]]
-        return table(rows, ("rows", "tokens per row", "modules", "probe s", "probe + capture s", "metrics s", "cache MB"))
+        rows = [
+            (
+                r["rows"],
+                r["length"],
+                r["modules"] or "-",
+                f"{r['probe_s']:.2f}" if "probe_s" in r else "-",
+                f"{r['probe_with_capture_s']:.2f}" if "probe_with_capture_s" in r else "-",
+                f"{r['metrics_s']:.3f}" if "metrics_s" in r else "-",
+                f"{r['cache_mb']:.2f}" if "cache_mb" in r else "-",
+            )
+            for r in data["table"]
+        ]
+        return table(
+            rows, ("rows", "tokens per row", "modules", "probe s", "probe + capture s", "metrics s", "cache MB")
+        )
     if name == "memory":
-        rows = [(v, f"{r['peak_rss_mb']:.0f}", f"{r['train_peak_rss_mb']:.0f}" if r["train_peak_rss_mb"] else "-",
-                 r["probes"], f"{r['geometry_cache_mb']:.1f}", f"{r['train_seconds']:.1f}") for v, r in data["runs"].items()]
+        rows = [
+            (
+                v,
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r['train_peak_rss_mb']:.0f}" if r["train_peak_rss_mb"] else "-",
+                r["probes"],
+                f"{r['geometry_cache_mb']:.1f}",
+                f"{r['train_seconds']:.1f}",
+            )
+            for v, r in data["runs"].items()
+        ]
         return table(rows, ("run", "peak RSS MB (process)", "peak RSS MB (training only)", "probe passes",
                             "geometry cache MB", "train s"))
     return ""
@@ -167,8 +219,10 @@ def gpu_line(cuda: dict[str, Any]) -> str:
     data = next(d for d in cuda.values() if d)
     m = data["machine"]
     pk = ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v and k != "arena-callbacks")
-    line = (f"the `(cuda)` rows, measured on an {m.get('gpu', 'unknown GPU')} on {m['date'][:10]} ({m['cpu_cores']} CPU "
-            f"cores; {pk}); model: {data.get('model', 'smollm2-135m-instruct')}")
+    line = (
+        f"the `(cuda)` rows, measured on an {m.get('gpu', 'unknown GPU')} on {m['date'][:10]} ({m['cpu_cores']} CPU "
+        f"cores; {pk}); model: {data.get('model', 'smollm2-135m-instruct')}"
+    )
     check = load("gpu_check")
     if check:
         ok = sum(r["ok"] for r in check["checks"] if r.get("limit") is not None)

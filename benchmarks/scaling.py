@@ -35,8 +35,11 @@ def load(name: str) -> tuple[Any, Any, list[str]]:
     if name == "tiny":
         from helpers import corpus, make_tokenizer, pretrained_model
 
-        modules = {4: ["auto"], 8: ["auto", "layers.0.self_attn.o_proj", "layers.{0,1}.mlp.up_proj", "layers.1.input_layernorm"],
-                   16: ["*proj"]}
+        modules = {
+            4: ["auto"],
+            8: ["auto", "layers.0.self_attn.o_proj", "layers.{0,1}.mlp.up_proj", "layers.1.input_layernorm"],
+            16: ["*proj"],
+        }
         MODULES.update(modules)
         return pretrained_model(), make_tokenizer(), [" ".join(corpus(40, seed=i)) for i in range(80)]
     from arena_callbacks.capabilities import text_passages
@@ -54,7 +57,9 @@ def runner_for(tok: Any, texts: list[str], rows: int, length: int) -> Any:
     from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 
     settings = ProbeSettings(batch_size=16, max_length=length, max_examples=None, truncate=True, progress_bar=False)
-    runner = ProbeRunner({"general": ProbeSet.build("general", [{"text": t} for t in texts[:rows]], settings)}, settings)
+    runner = ProbeRunner(
+        {"general": ProbeSet.build("general", [{"text": t} for t in texts[:rows]], settings)}, settings
+    )
     runner.prepare(tok)
     assert all(len(s.ids) == length for s in runner.sequences("general")), "a text is shorter than the length asked"
     return runner
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                       "tokens": r * n, "ms_per_token": 1000 * t["median_s"] / (r * n)})
     # Modules: capture and metrics on rows = 32, length = 64.
     runner = runners[(32, 64)]
-    for m, patterns in MODULES.items():
+    for _label, patterns in MODULES.items():
         tracker = GeometryTracker(GeometryConfig(enabled=True, modules=patterns, tokens_per_module=args.tokens,
                                                  reference="cache"), runner)
         tracker.setup(model)
@@ -103,13 +108,24 @@ def main(argv: list[str] | None = None) -> int:
             tracker.measure(model, ctx, baseline=False)
 
         t_metrics = interleaved({"metrics": metrics}, args.repeats)["metrics"]["median_s"]
-        table.append({"rows": 32, "length": 64, "modules": len(tracker.module_names), "module_names": tracker.module_names,
-                      "probe_with_capture_s": t_capture, "metrics_s": t_metrics, "cache_mb": tracker.cache_mb,
-                      "sampled_tokens": tracker.capture.n_tokens if tracker.capture else 0})
+        table.append(
+            {
+                "rows": 32,
+                "length": 64,
+                "modules": len(tracker.module_names),
+                "module_names": tracker.module_names,
+                "probe_with_capture_s": t_capture,
+                "metrics_s": t_metrics,
+                "cache_mb": tracker.cache_mb,
+                "sampled_tokens": tracker.capture.n_tokens if tracker.capture else 0,
+            }
+        )
     report = {"benchmark": "scaling", "model": args.model, "machine": machine(), "tokens_per_module": args.tokens,
               "table": table}
     path = write_json("scaling" if args.model == "smollm2" else f"scaling_{args.model}", report, args.out)
-    print(f"{'rows':>5} {'length':>6} {'modules':>7} {'probe s':>8} {'+capture s':>10} {'metrics s':>9} {'cache MB':>8}")
+    print(
+        f"{'rows':>5} {'length':>6} {'modules':>7} {'probe s':>8} {'+capture s':>10} {'metrics s':>9} {'cache MB':>8}"
+    )
     for row in table:
         print(f"{row['rows']:>5} {row['length']:>6} {row['modules']:>7} {row.get('probe_s', float('nan')):>8.2f} "
               f"{row.get('probe_with_capture_s', float('nan')):>10.2f} {row.get('metrics_s', float('nan')):>9.3f} "

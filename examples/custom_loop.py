@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from arena_callbacks.engine import ForgettingEngine
+from arena_callbacks.engine import ForgettingEngine  # noqa: E402  (after the path for a plain checkout)
 
 TASK = ["one two three four five six seven eight nine ten."]  # what this finetune teaches
 GENERAL = [{"text": t} for t in (  # held out: what it should not forget

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from helpers import corpus, make_model, sampled_activations
 
 from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks.capture import ActivationCapture, expand_braces, resolve_modules
 from arena_callbacks.distributed import DistContext
-from helpers import corpus, make_model, sampled_activations
 
 TEXT = [{"text": s} for s in corpus(9, seed=5)]
 
@@ -22,7 +22,10 @@ def test_auto_modules_llama_and_gpt2():
                       num_attention_heads=2, num_key_value_heads=1)
     llama = LlamaForCausalLM(cfg)
     assert list(resolve_modules(llama, "auto")) == [
-        "model.layers.2.mlp.down_proj", "model.layers.6.self_attn.o_proj", "model.layers.10.mlp.down_proj", "model.norm",
+        "model.layers.2.mlp.down_proj",
+        "model.layers.6.self_attn.o_proj",
+        "model.layers.10.mlp.down_proj",
+        "model.norm",
     ]
     gpt2 = make_model(kind="gpt2", vocab_size=60000)
     assert list(resolve_modules(gpt2, ["auto"])) == [

@@ -46,7 +46,7 @@ def test_unknown_field_rejected_with_its_name():
 def test_invalid_values_name_the_field(data, loc):
     with pytest.raises(ValidationError) as e:
         MonitorConfig.model_validate(data)
-    assert [l for l, _ in _errors(e)] == [loc]
+    assert [where for where, _ in _errors(e)] == [loc]
 
 
 def test_cadence_must_run_somewhere():

@@ -28,12 +28,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(SCRIPTS))
 
 import dist_common as C  # noqa: E402,N812
+from helpers import make_model, make_tokenizer  # noqa: E402
 
 from arena_callbacks import Snapshot, evaluate_budgets  # noqa: E402
 from arena_callbacks.config import BudgetConfig, MonitorConfig  # noqa: E402
 from arena_callbacks.distributed import DistContext  # noqa: E402
 from arena_callbacks.measurements import TARGET, build_snapshot  # noqa: E402
-from helpers import make_model, make_tokenizer  # noqa: E402
 
 WORKER_TIMEOUT_S = 120  # subprocess wall limit; the ranks' own process-group timeout is 60 s
 TRAIN_MAX_STEPS = 30

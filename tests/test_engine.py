@@ -80,7 +80,9 @@ def test_schedule_state_round_trip():
 # ------------------------------------------------------------------ persisted state
 def test_monitor_state_round_trips_through_json_and_a_file(tmp_path):
     state = MonitorState(
-        baseline_results={"general": ProbeResult(name="general", kind="text", nll=3.25, score=None, examples=12, tokens=120)},
+        baseline_results={
+            "general": ProbeResult(name="general", kind="text", nll=3.25, score=None, examples=12, tokens=120)
+        },
         history=[{"step": 0, "epoch": 0.0, "trigger": "baseline", "metrics": {"nll/general": 3.25}}],
         config=MonitorConfig().model_dump(mode="json"),
         rewinds=[{"number": 1, "at_step": 4, "alpha": 0.5}],

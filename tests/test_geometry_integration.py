@@ -1,11 +1,11 @@
 """Geometry keys live in a real Trainer run: reference modes, budgets, TensorBoard."""
 
 import pytest
+from helpers import TARGET_TEXT, pretrained_model
+from test_trainer_integration import GENERAL, scalars
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 from arena_callbacks import BudgetKeyError, ForgettingMonitor
-from test_trainer_integration import GENERAL, scalars
-from helpers import TARGET_TEXT, pretrained_model
 
 
 def run(tokenizer, tmp_path, model, geometry, budgets, max_steps=20, report_to=("tensorboard",)):
@@ -33,7 +33,8 @@ def test_geometry_budget_stops_and_keys_reach_tensorboard(tokenizer, tmp_path, m
     assert g.module_names == ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj",
                               "model.layers.1.mlp.down_proj", "model.norm"]
     base = monitor.history.snapshots[0].metrics
-    # At the baseline the model is its own reference: exact (to rounding) for disable_adapter, bf16 cache noise otherwise.
+    # At the baseline the model is its own reference: exact (to rounding) for disable_adapter, bf16 cache noise
+    # otherwise.
     tol = 1e-6 if method == "lora" else 1e-2  # 1e-6: the nuclear-norm identity cancels to ~1e-8
     assert base["geometry/procrustes/max"] <= tol and base["geometry/cka/min"] >= 1 - 1e-6 - tol
     assert base["geometry/cache_mb"] == (0.0 if method == "lora" else pytest.approx(4 * 256 * 32 * 2 / 2**20))
@@ -84,9 +85,16 @@ def test_spectra_on_their_own_cadence(tokenizer, tmp_path, method):
                                    use_cayley_neumann=False))
         model = peft.get_peft_model(model, cfg)
     monitor = ForgettingMonitor(
-        {"cadence": {"every_n_steps": 2}, "logging": {"tensorboard": False},
-         "spectra": {"enabled": True, "every_n_steps": 4, "modules": ["layers.1.mlp.down_proj", "layers.0.self_attn.o_proj"]},
-         "budgets": [{"key": "spectral/rel_update_fro/max", "max_value": 1e-3, "patience": 2, "action": "log"}]},
+        {
+            "cadence": {"every_n_steps": 2},
+            "logging": {"tensorboard": False},
+            "spectra": {
+                "enabled": True,
+                "every_n_steps": 4,
+                "modules": ["layers.1.mlp.down_proj", "layers.0.self_attn.o_proj"],
+            },
+            "budgets": [{"key": "spectral/rel_update_fro/max", "max_value": 1e-3, "patience": 2, "action": "log"}],
+        },
         probes={"general": GENERAL},
     )
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-2,

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import make_model, make_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,10 +14,10 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from helpers import TARGET_TEXT, corpus, make_model
+from helpers import TARGET_TEXT, corpus, make_model  # noqa: E402  (only where lightning is installed)
 
-from arena_callbacks.integrations.lightning import ForgettingCallback, _write_files
-from arena_callbacks.rewind import capture_state, load_state_file
+from arena_callbacks.integrations.lightning import ForgettingCallback, _write_files  # noqa: E402
+from arena_callbacks.rewind import capture_state, load_state_file  # noqa: E402
 
 GENERAL = [{"text": s} for s in corpus(6, seed=7)]
 TARGET = [{"prompt": "one two three", "completion": " four five six"}]

@@ -12,9 +12,10 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
+from helpers import corpus, make_model  # noqa: E402
+
 from arena_callbacks import ForgettingMonitor, ProbeDataError, ProbeRunner, ProbeSet, ProbeSettings  # noqa: E402
 from arena_callbacks.integrations.lm_eval import lm_eval_probes, rows_from_task  # noqa: E402
-from helpers import corpus, make_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "integrations" / "lm_eval"
@@ -157,7 +158,9 @@ def test_rows_reproduce_lm_eval_request_strings(probes):
     # loglikelihood: lm-eval's (context, target) as they are (no delimiter added).
     assert [(r["prompt"], r["completion"]) for r in probes["t_ll"].data] == [(d["q"], " " + d["a"]) for d in LL_TEST]
     # generate_until: teacher-forced target after target_delimiter.
-    assert [(r["prompt"], r["completion"]) for r in probes["t_gen"].data] == [(d["q"] + " ->", " " + d["a"]) for d in LL_TEST]
+    assert [(r["prompt"], r["completion"]) for r in probes["t_gen"].data] == [
+        (d["q"] + " ->", " " + d["a"]) for d in LL_TEST
+    ]
     assert [r["text"] for r in probes["t_text"].data] == [d["text"] for d in TEXT_TEST]
     # They are valid probe rows.
     for name, probe in probes.items():
@@ -250,8 +253,13 @@ def _lm_eval_samples(task_dir: Path, tasks: list[str], model, tokenizer, **hflm_
     from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, device="cpu", **hflm_kwargs)
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-                          bootstrap_iters=0, log_samples=True)
+    out = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        bootstrap_iters=0,
+        log_samples=True,
+    )
     return out
 
 
@@ -264,7 +272,11 @@ def test_probe_runner_agrees_with_lm_eval_hflm(task_dir, probes, tokenizer):
         rows = probes[name].data
         # lm-eval scored exactly the strings of our rows.
         for s, row in zip(samples, rows, strict=True):
-            want = [(row["context"], c) for c in row["choices"]] if "choices" in row else [(row["prompt"], row["completion"])]
+            want = (
+                [(row["context"], c) for c in row["choices"]]
+                if "choices" in row
+                else [(row["prompt"], row["completion"])]
+            )
             assert [tuple(a) for a in s["arguments"]] == want
         ours = _per_request_loglikelihoods(rows, probes[name].kind, tokenizer, model)
         theirs = [[float(r[0]) for r in s["filtered_resps"]] for s in samples]

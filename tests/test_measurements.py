@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from arena_callbacks import Probe, ProbeResult, ProbeSettings, ProbeSet, Snapshot
+from arena_callbacks import Probe, ProbeResult, ProbeSet, ProbeSettings, Snapshot
 from arena_callbacks.history import History, read_history
 from arena_callbacks.measurements import build_snapshot, expected_keys
 

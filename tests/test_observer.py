@@ -146,4 +146,7 @@ def test_two_gloo_processes_run_the_same_with_and_without_the_monitor(tmp_path):
             assert watched["monitor_steps"] == [0, 2, 4, 6], name
             assert [e["step"] for e in plain["log_history"] if "loss" in e] == [2, 4, 6], name
     # The ranks agree with each other too (synchronised DDP replicas, same monitor history).
-    assert ranks[0]["records"]["trainer-lora"]["watched"]["weights"] == ranks[1]["records"]["trainer-lora"]["watched"]["weights"]
+    assert (
+        ranks[0]["records"]["trainer-lora"]["watched"]["weights"]
+        == ranks[1]["records"]["trainer-lora"]["watched"]["weights"]
+    )

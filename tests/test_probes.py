@@ -148,7 +148,7 @@ def test_peft_lora_and_oft_models(tokenizer, model):
         for k in base:
             assert got[k].nll == pytest.approx(base[k].nll, rel=1e-5), type(cfg).__name__
         with torch.no_grad():  # move the adapter: the probe sees it
-            for name, p in pm.named_parameters():
+            for _name, p in pm.named_parameters():
                 if p.requires_grad:
                     p.add_(0.5 * torch.randn_like(p))
         assert r.run(pm)["general"].nll != pytest.approx(base["general"].nll, rel=1e-4)
@@ -191,7 +191,11 @@ def test_load_rows_from_jsonl_dataset_and_list(tmp_path):
         ([{"text": "a"}, {"txt": "b"}], None, r"probe 'p' \(text\), row 1: missing field 'text'"),
         ([{"text": ""}], None, r"row 0: field 'text' must be a non-empty string"),
         ([{"text": "a"}, {"text": None}], None, r"probe 'p' \(text\), row 1: missing field 'text'"),
-        ([{"context": "q", "choices": ["a", "b"], "answer": 2}], None, r"row 0: field 'answer' = 2 is out of range for 2 choices \(valid: 0..1\)"),
+        (
+            [{"context": "q", "choices": ["a", "b"], "answer": 2}],
+            None,
+            r"row 0: field 'answer' = 2 is out of range for 2 choices \(valid: 0..1\)",
+        ),
         ([{"context": "q", "choices": ["a"], "answer": 0}], None, r"must be a list of at least 2 strings"),
         ([{"context": "q", "choices": ["a", "b"]}], None, r"missing field 'answer' \(or 'label'\)"),
         ([{"choices": ["a", "b"], "answer": 0}], None, r"missing field 'context' \(or 'question'\)"),

@@ -38,7 +38,10 @@ ONE_TOKEN = [" the", " model", " green", " fish", " and"]  # one token each afte
 SINGLE = [{"question": c, "choices": ONE_TOKEN[: 2 + i % 4], "label": i % 2} for i, c in enumerate(CONTEXTS)]
 SHORT = [{"context": "the cat", "choices": [" runs.", " sings into the river.", " is"], "answer": 0}]
 # Passages of 3 to 60 words: several of the short ones fit in a row as long as the longest.
-VARIED = [{"text": " ".join(" ".join(corpus(6, seed=i)).split()[:n])} for i, n in enumerate([60, 3, 5, 8, 12, 4, 20, 30, 6, 45, 3])]
+VARIED = [
+    {"text": " ".join(" ".join(corpus(6, seed=i)).split()[:n])}
+    for i, n in enumerate([60, 3, 5, 8, 12, 4, 20, 30, 6, 45, 3])
+]
 COMPLETION = [{"prompt": " ".join(corpus(1, seed=i)), "completion": " " + " ".join(corpus(1, seed=i + 1)).split()[0]}
               for i in range(5)]
 
@@ -221,8 +224,11 @@ def test_tree_rows_run_context_and_choices_in_one_forward(tokenizer, model):
     r, seen, seqs, prefix = run_multi_counting(tokenizer, model)
     assert len(seen) == 1  # 7 rows, one batch, no continuation forward
     # Each row: the first choice in full, and every other choice's tokens after the context but its last.
-    want = [len(s.ids) - 1 + sum(len(j.ids) - 1 - prefix[s.example] for j in seqs if j.example == s.example and j.choice)
-            for s in seqs if s.choice == 0]
+    want = [
+        len(s.ids) - 1 + sum(len(j.ids) - 1 - prefix[s.example] for j in seqs if j.example == s.example and j.choice)
+        for s in seqs
+        if s.choice == 0
+    ]
     assert sorted(seen[0]) == sorted(want)
     assert_scores_close(r.last_scores, reference(model, r))
 
@@ -352,7 +358,9 @@ class _Plain(torch.nn.Module):
         return {"logits": out.logits, "past_key_values": out.cache}
 
     def _forward_no_cache(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
-        return {"logits": self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits}
+        return {
+            "logits": self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        }
 
 
 @pytest.mark.parametrize("variant", ["logits_to_keep as last positions", "all logits", "no cache"])
@@ -422,7 +430,9 @@ def test_peft_model_continues_from_the_cache_with_and_without_adapters(tokenizer
     peft = pytest.importorskip("peft")
     r = build(tokenizer, ProbeSettings(batch_size=4), options(shared_path), mc=MULTI)
     base = reference(model, r)
-    pm = peft.get_peft_model(make_model(vocab_size=len(tokenizer)), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pm = peft.get_peft_model(
+        make_model(vocab_size=len(tokenizer)), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     assert Forwarder.for_model(pm, 0).cache_arg is not None
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -485,8 +495,15 @@ def test_two_process_gloo_group_with_shared_contexts(tokenizer, model, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
            "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
     script = str(tests / "dist_scripts" / "shared_prefix_worker.py")
-    procs = [subprocess.Popen([sys.executable, script, str(tmp_path)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(tmp_path)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
     finally:

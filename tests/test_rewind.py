@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import make_model, make_tokenizer
 
 from arena_callbacks.rewind import (
     Slot,
@@ -16,7 +17,6 @@ from arena_callbacks.rewind import (
     path_rules,
     save_state_file,
 )
-from helpers import make_model, make_tokenizer
 
 peft = pytest.importorskip("peft")
 
@@ -144,8 +144,13 @@ def test_layer_depths_and_layerwise_alphas():
     assert a[names[0]] == pytest.approx(0.4) and a[names[2]] == pytest.approx(0.4 + 0.6 / 3)
     assert a[names[5]] == 1.0
     # GPT-2 style names.
-    assert layer_depths(["transformer.h.0.attn.c_attn.weight", "transformer.h.5.mlp.c_fc.weight", "transformer.wte.weight"]) == {
-        "transformer.h.0.attn.c_attn.weight": 0.0, "transformer.h.5.mlp.c_fc.weight": 1.0, "transformer.wte.weight": 0.0}
+    assert layer_depths(
+        ["transformer.h.0.attn.c_attn.weight", "transformer.h.5.mlp.c_fc.weight", "transformer.wte.weight"]
+    ) == {
+        "transformer.h.0.attn.c_attn.weight": 0.0,
+        "transformer.h.5.mlp.c_fc.weight": 1.0,
+        "transformer.wte.weight": 0.0,
+    }
 
 
 def test_interpolate_float64_reference():

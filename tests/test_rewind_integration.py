@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from helpers import TARGET_TEXT, corpus, pretrained_model
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
 
 from arena_callbacks import ForgettingMonitor
 from arena_callbacks.history import read_history
 from arena_callbacks.rewind import capture_state, interpolate, path_rules
 from arena_callbacks.sp import operating_point, trajectory
-from helpers import TARGET_TEXT, corpus, pretrained_model
 
 GENERAL = [{"text": s} for s in corpus(16, seed=7)]
 TARGET = [{"prompt": "one two three", "completion": " four five six"}]
@@ -82,11 +82,15 @@ def lora_model():
 def in_budget(monitor, snap):
     from arena_callbacks.budget import in_budget as within
 
-    return within(monitor.config.budgets, snap.metrics, monitor.history.snapshots[0].metrics) or snap.trigger == "baseline"
+    return (
+        within(monitor.config.budgets, snap.metrics, monitor.history.snapshots[0].metrics) or snap.trigger == "baseline"
+    )
 
 
 def test_checkpoint_rewind_restores_the_exact_best_state_and_stops(tokenizer, tmp_path):
-    monitor = ForgettingMonitor(config({"mode": "checkpoint", "then": "stop"}), probes={"general": GENERAL}, target=TARGET)
+    monitor = ForgettingMonitor(
+        config({"mode": "checkpoint", "then": "stop"}), probes={"general": GENERAL}, target=TARGET
+    )
     rec = WeightRecorder()
     trainer = make_trainer(tokenizer, tmp_path, monitor, after=[rec])
     trainer.train()
@@ -206,7 +210,9 @@ def test_resume_gives_the_same_history_as_an_uninterrupted_run(tokenizer, tmp_pa
     assert (ckpt / "arena_state.json").is_file() and (ckpt / "arena_best-rank0.safetensors").is_file()
 
     resumed = ForgettingMonitor(cfg, probes={"general": GENERAL}, target=TARGET)
-    trainer = make_trainer(tokenizer, tmp_path / "b", resumed, max_steps=8, lr=1e-2, save_strategy="steps", save_steps=4)
+    trainer = make_trainer(
+        tokenizer, tmp_path / "b", resumed, max_steps=8, lr=1e-2, save_strategy="steps", save_steps=4
+    )
     trainer.train(resume_from_checkpoint=str(ckpt))
     assert resumed.resumed_from == ckpt
     assert [s.trigger for s in resumed.history.snapshots].count("baseline") == 1  # baseline not re-measured
@@ -216,14 +222,20 @@ def test_resume_gives_the_same_history_as_an_uninterrupted_run(tokenizer, tmp_pa
         assert mb == pytest.approx(ma, rel=1e-6, abs=1e-9)
     assert strip(read_history(tmp_path / "b" / "arena")) == b  # the file was rewritten, not appended to
     assert resumed.engine.rewinder.best.step == full.engine.rewinder.best.step
-    assert all(torch.equal(resumed.engine.rewinder.best.get()[k], full.engine.rewinder.best.get()[k]) for k in full.engine.rewinder.best.get())
+    assert all(
+        torch.equal(resumed.engine.rewinder.best.get()[k], full.engine.rewinder.best.get()[k])
+        for k in full.engine.rewinder.best.get()
+    )
     if geometry:
         assert any(k.startswith("geometry/procrustes/") for k in b[-1][2])
         g, h = resumed.geometry, full.geometry
         assert set(g.cache) == set(h.cache) and all(torch.equal(g.cache[n], h.cache[n]) for n in h.cache)
         assert g.cache_mb == h.cache_mb and set(g.cache_stats) == set(h.cache_stats)  # stats formed on restore
         for n in h.cache_stats:
-            assert g.cache_stats[n].sum_sq == h.cache_stats[n].sum_sq and g.cache_stats[n].cka_norm == h.cache_stats[n].cka_norm
+            assert (
+                g.cache_stats[n].sum_sq == h.cache_stats[n].sum_sq
+                and g.cache_stats[n].cka_norm == h.cache_stats[n].cka_norm
+            )
 
 
 def test_resume_refuses_other_probes(tokenizer, tmp_path):

@@ -5,12 +5,12 @@ import json
 import os
 
 import pytest
+from helpers import TARGET_TEXT, corpus, pretrained_model
 
 from arena_callbacks import ForgettingMonitor
 from arena_callbacks.budget import threshold
 from arena_callbacks.history import read_history
 from arena_callbacks.sp import sp_metrics, trajectory
-from helpers import TARGET_TEXT, corpus, pretrained_model
 
 GENERAL = [{"text": s} for s in corpus(16, seed=7)]
 TARGET = [{"prompt": "one two three", "completion": " four five six"}]
@@ -32,8 +32,8 @@ def events(logdir):
 
 def custom_scalars_layout(logdir):
     """The layout proto written by ``add_custom_scalars``, as a dict chart title -> tag regexes."""
-    from tensorboard.plugins.custom_scalar import layout_pb2
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.custom_scalar import layout_pb2
 
     charts = {}
     for f in glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True):
@@ -75,10 +75,16 @@ def test_sp_keys_budget_lines_image_and_layout(tokenizer, tmp_path):
     # Each snapshot's sp/* keys equal the estimator applied to the trajectory up to that step.
     for i, s in enumerate(snaps):
         expect = sp_metrics(trajectory(snaps[: i + 1]), monitor.config.operating_point)
-        got = {k: v for k, v in s.metrics.items() if k in expect or k.startswith(("sp/operating", "sp/frontier", "sp/over", "sp/marg"))}
+        got = {
+            k: v
+            for k, v in s.metrics.items()
+            if k in expect or k.startswith(("sp/operating", "sp/frontier", "sp/over", "sp/marg"))
+        }
         assert got == pytest.approx(expect)
     assert "sp/marginal_rate" not in snaps[0].metrics and "sp/marginal_rate" in snaps[1].metrics
-    assert read_history(tmp_path / "arena")[-1].metrics["sp/frontier_area"] == pytest.approx(snaps[-1].metrics["sp/frontier_area"])
+    assert read_history(tmp_path / "arena")[-1].metrics["sp/frontier_area"] == pytest.approx(
+        snaps[-1].metrics["sp/frontier_area"]
+    )
 
     ev = events(str(tmp_path / "runs"))
     # Budget line: the limit in the key's units at every probe step.
@@ -93,7 +99,10 @@ def test_sp_keys_budget_lines_image_and_layout(tokenizer, tmp_path):
     layout = custom_scalars_layout(str(tmp_path / "runs"))
     assert layout[("arena", "retention")] == ["^retention/"]
     assert layout[("arena", "stability & plasticity")] == ["^sp/(stability|plasticity)$"]
-    assert layout[("arena budgets", "delta_nll/general (log)")] == [r"^delta_nll/general$", r"^budget/delta_nll/general$"]
+    assert layout[("arena budgets", "delta_nll/general (log)")] == [
+        r"^delta_nll/general$",
+        r"^budget/delta_nll/general$",
+    ]
 
     summary = json.loads((tmp_path / "arena" / "summary.json").read_text())
     model = trainer.model

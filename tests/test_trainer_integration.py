@@ -5,11 +5,10 @@ import json
 import os
 
 import pytest
-import torch
+from helpers import TARGET_TEXT, corpus, pretrained_model
 
 from arena_callbacks import BudgetKeyError, ForgettingMonitor, ProbeDataError, evaluate_budgets
 from arena_callbacks.history import read_history
-from helpers import TARGET_TEXT, corpus, pretrained_model
 
 GENERAL = [{"text": s} for s in corpus(24, seed=7)]
 FACTS = [
@@ -59,7 +58,9 @@ def check_stopped_run(trainer, monitor, out, max_steps):
     # History on disk equals the one in memory.
     on_disk = read_history(out / "arena")
     assert [s.step for s in on_disk] == [s.step for s in monitor.history] == list(range(0, stop + 1, 2))
-    assert on_disk[-1].metrics["delta_nll/general"] == pytest.approx(monitor.history.snapshots[-1].metrics["delta_nll/general"])
+    assert on_disk[-1].metrics["delta_nll/general"] == pytest.approx(
+        monitor.history.snapshots[-1].metrics["delta_nll/general"]
+    )
     summary = json.loads((out / "arena" / "summary.json").read_text())
     assert summary["stopped"] and summary["stop_step"] == stop
     # TensorBoard has the scalars at every probe step, in the trainer's TensorBoard folder.

@@ -18,10 +18,10 @@ import torch
 trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
+from helpers import corpus, make_model, make_tokenizer  # noqa: E402
 
 from arena_callbacks import ForgettingMonitor, ProbeRunner, ProbeSet, ProbeSettings  # noqa: E402
 from arena_callbacks.history import read_history  # noqa: E402
-from helpers import corpus, make_model, make_tokenizer  # noqa: E402
 
 GENERAL = [{"text": s} for s in corpus(8, seed=7)]
 FACTS = [

@@ -93,7 +93,9 @@ def lm_eval_probes(
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: expected a positive integer number of rows per task or None, got {limit!r}")
     if tasks is None and include_path is None:
-        raise ValueError("tasks: give lm-eval task names, or include_path=<folder of task YAML files> to take all of them")
+        raise ValueError(
+            "tasks: give lm-eval task names, or include_path=<folder of task YAML files> to take all of them"
+        )
     built = _build_tasks(tasks, include_path, task_manager)
     probes: dict[str, Probe] = {}
     for name, task in built.items():

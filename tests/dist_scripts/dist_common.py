@@ -151,10 +151,10 @@ def geometry_metrics_for(runner: Any, ctx: Any, mode: str) -> dict[str, float]:
     """
     import peft
     import torch
+    from helpers import make_model, make_tokenizer
 
     from arena_callbacks.capture import GeometryTracker
     from arena_callbacks.config import GeometryConfig
-    from helpers import make_model, make_tokenizer
 
     model = make_model(seed=0, vocab_size=len(make_tokenizer()))
     if mode == "disable_adapter":
@@ -179,10 +179,9 @@ def geometry_metrics_for(runner: Any, ctx: Any, mode: str) -> dict[str, float]:
 
 def sharded_tiny_model(tokenizer: Any) -> Any:
     """The tiny test model with each decoder layer and the root sharded by FSDP2 over 2 CPU ranks."""
+    from helpers import make_model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from helpers import make_model
 
     mesh = init_device_mesh("cpu", (2,))
     model = make_model(seed=0, vocab_size=len(tokenizer))

@@ -14,11 +14,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-import torch.distributed as dist  # noqa: E402
-
 import dist_common as C  # noqa: E402,N812
-from arena_callbacks.distributed import current_context  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from helpers import make_tokenizer  # noqa: E402
+
+from arena_callbacks.distributed import current_context  # noqa: E402
 
 out = Path(sys.argv[1])
 rank = int(os.environ["RANK"])

@@ -20,10 +20,8 @@ import sys
 import time
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
-
 import dist_common as C  # noqa: N812  (this folder is sys.path[0])
+import torch.distributed as dist
 from helpers import make_model, make_tokenizer
 
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 import sys
 
+import dist_common as C  # noqa: N812  (this folder is sys.path[0])
 import torch
 import torch.distributed as dist
-
-import dist_common as C  # noqa: N812  (this folder is sys.path[0])
 from helpers import TARGET_TEXT, make_tokenizer, pretrained_model
 
 
@@ -42,7 +41,9 @@ def main(work_dir: str, max_steps: int, lr: float, rewind: bool = False) -> None
     pretrained_sum = weights_checksum(model)
 
     monitor = ForgettingMonitor(
-        C.TRAIN_MONITOR_REWIND if rewind else C.TRAIN_MONITOR, probes={"general": C.TRAIN_GENERAL, "facts": C.TRAIN_FACTS}, target=C.TRAIN_TARGET
+        C.TRAIN_MONITOR_REWIND if rewind else C.TRAIN_MONITOR,
+        probes={"general": C.TRAIN_GENERAL, "facts": C.TRAIN_FACTS},
+        target=C.TRAIN_TARGET,
     )
 
     # Probe forwards run under no_grad; training forwards do not. Record the rows of the former.
