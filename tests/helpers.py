@@ -126,3 +126,17 @@ def sampled_activations(model, modules, sequences, keys):
         for h in handles:
             h.remove()
     return {n: torch.stack(v) for n, v in want.items()}
+
+
+def loop_config(every: int, max_rise: float, action: str = "stop", **rewind) -> dict:
+    """A small monitor config for the adapter tests: probes every ``every`` steps, no TensorBoard,
+    one budget on ``delta_nll/general`` (``rewind``: the rewind section, for ``action="rewind"``)."""
+    cfg = {
+        "cadence": {"every_n_steps": every},
+        "probe": {"batch_size": 8, "max_length": 64},
+        "logging": {"tensorboard": False},
+        "budgets": [{"key": "delta_nll/general", "max_rise": max_rise, "action": action}],
+    }
+    if rewind:
+        cfg["rewind"] = rewind
+    return cfg

@@ -16,24 +16,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
 import custom_loop
-from helpers import make_model
+from helpers import loop_config, make_model
 from test_distributed import torchrun
 
 from arena_callbacks.rewind import capture_state
 
-STOP = {
-    "cadence": {"every_n_steps": 2},
-    "probe": {"batch_size": 8, "max_length": 64},
-    "logging": {"tensorboard": False},
-    "budgets": [{"key": "delta_nll/general", "max_rise": 0.3, "action": "stop"}],
-}
-REWIND = {
-    "cadence": {"every_n_steps": 5},
-    "probe": {"batch_size": 8, "max_length": 64},
-    "logging": {"tensorboard": False},
-    "budgets": [{"key": "delta_nll/general", "max_rise": 1.0, "action": "rewind"}],
-    "rewind": {"mode": "checkpoint", "then": "continue", "max_rewinds": 2, "lr_factor": 0.5},
-}
+STOP = loop_config(2, max_rise=0.3)
+REWIND = loop_config(5, max_rise=1.0, action="rewind", mode="checkpoint", then="continue", max_rewinds=2, lr_factor=0.5)
 MAX_STEPS = 20
 LR = 1e-2
 

@@ -14,26 +14,15 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from helpers import TARGET_TEXT, corpus, make_model  # noqa: E402  (only where lightning is installed)
+from helpers import TARGET_TEXT, corpus, loop_config, make_model  # noqa: E402  (only where lightning is installed)
 
 from arena_callbacks.integrations.lightning import ForgettingCallback, _write_files  # noqa: E402
 from arena_callbacks.rewind import capture_state, load_state_file  # noqa: E402
 
 GENERAL = [{"text": s} for s in corpus(6, seed=7)]
 TARGET = [{"prompt": "one two three", "completion": " four five six"}]
-STOP = {
-    "cadence": {"every_n_steps": 2},
-    "probe": {"batch_size": 8, "max_length": 64},
-    "logging": {"tensorboard": False},
-    "budgets": [{"key": "delta_nll/general", "max_rise": 0.3, "action": "stop"}],
-}
-REWIND = {
-    "cadence": {"every_n_steps": 5},
-    "probe": {"batch_size": 8, "max_length": 64},
-    "logging": {"tensorboard": False},
-    "budgets": [{"key": "delta_nll/general", "max_rise": 0.5, "action": "rewind"}],
-    "rewind": {"mode": "checkpoint", "then": "continue", "max_rewinds": 2, "lr_factor": 0.5},
-}
+STOP = loop_config(2, max_rise=0.3)
+REWIND = loop_config(5, max_rise=0.5, action="rewind", mode="checkpoint", then="continue", max_rewinds=2, lr_factor=0.5)
 MAX_STEPS = 25
 LR = 1e-2
 
