@@ -39,7 +39,8 @@ class ForgettingMonitor(EngineViews, TrainerCallback):
         trainer: The trainer this monitor is attached to (or call :meth:`attach`). It is needed
             only to pass the monitor's scalars through ``Trainer.log`` to every ``report_to``
             backend and to put its TensorBoard events beside the trainer's; without it the
-            trainer is looked up once, when training starts.
+            trainer is found once, when training starts, as the owner of the ``TrainerControl``
+            the hooks receive.
         **config_fields: Top-level config fields, merged over ``config``.
 
     What the engine knows is readable on the monitor (:class:`~arena_callbacks.views.EngineViews`):
@@ -80,7 +81,7 @@ class ForgettingMonitor(EngineViews, TrainerCallback):
     ) -> None:
         self._state = state
         if self._trainer is None:
-            self._trainer = _find_trainer()
+            self._trainer = _trainer_of(control)
         tb_dir = None
         if self.config.logging.tensorboard:
             tb_dir = resolve_tensorboard_dir(self.config.logging.tensorboard_dir, self._trainer, args.output_dir)
@@ -158,27 +159,28 @@ def _apply(outcome: StepOutcome, args: TrainingArguments, control: TrainerContro
             control.should_save = True  # the newest checkpoint holds what was loaded
 
 
-def _find_trainer() -> Any:
-    """The ``transformers.Trainer`` whose loop is calling us, when none was given.
+def _trainer_of(control: TrainerControl) -> Any:
+    """The ``transformers.Trainer`` that owns ``control``, when none was given.
 
     Hooks receive the model, optimizer and scheduler but not the trainer, and only the trainer
-    can pass scalars to the ``report_to`` backends. Looked up once, at train start; give
-    ``ForgettingMonitor(trainer=...)`` or call :meth:`ForgettingMonitor.attach` to skip it.
+    can pass scalars to the ``report_to`` backends. The ``TrainerControl`` they receive is the
+    trainer's own ``control`` attribute, so its owner is the trainer: found once, at train start,
+    among the objects that refer to it (two passes over the garbage collector's objects, tens of
+    milliseconds). Give ``ForgettingMonitor(trainer=...)`` or call :meth:`ForgettingMonitor.attach`
+    to skip it.
     """
+    import gc
+
     from transformers import Trainer
 
-    frame = inspect.currentframe()
-    try:
-        for _ in range(16):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-        return None
-    finally:
-        del frame
+    for ref in gc.get_referrers(control):
+        if isinstance(ref, Trainer) and ref.control is control:
+            return ref
+        if isinstance(ref, dict) and ref.get("control") is control:  # the trainer's attribute dict
+            for owner in gc.get_referrers(ref):
+                if isinstance(owner, Trainer) and getattr(owner, "__dict__", None) is ref:
+                    return owner
+    return None
 
 
 def _resume_checkpoint(args: TrainingArguments, state: TrainerState) -> Path | None:

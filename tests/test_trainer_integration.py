@@ -222,3 +222,25 @@ def test_overhead_budget_schedules_probes_from_measured_costs(tokenizer, tmp_pat
     assert summary["overhead"]["monitor_seconds"] == 3.0
     assert summary["overhead"]["train_seconds"] == 10.0
     assert summary["overhead"]["fraction"] == pytest.approx(3 / 13)
+
+
+def test_the_trainer_is_found_as_the_owner_of_the_control_the_hooks_receive(tokenizer, tmp_path):
+    """No trainer given: the monitor finds it from the ``TrainerControl`` its hooks get, without
+    looking at the call stack, and logs through it (``epoch`` is what ``Trainer.log`` adds)."""
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerControl, TrainingArguments
+
+    from arena_callbacks.callback import _trainer_of
+
+    monitor = ForgettingMonitor(monitor_config(), probes={"general": GENERAL})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = Trainer(model=pretrained_model(), args=args, train_dataset=[tokenizer(TARGET_TEXT)] * 8,
+                      processing_class=tokenizer, data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                      callbacks=[monitor])
+    assert _trainer_of(trainer.control) is trainer
+    vars(trainer)  # an attribute dict made concrete: found through it
+    assert _trainer_of(trainer.control) is trainer
+    assert _trainer_of(TrainerControl()) is None
+    trainer.train()
+    assert monitor._trainer is trainer
+    logged = [h for h in trainer.state.log_history if "retention/general" in h]
+    assert [h["step"] for h in logged] == [0, 2] and all("epoch" in h for h in logged)
