@@ -227,3 +227,34 @@ def test_engine_drives_a_plain_loop_stops_and_resumes(tokenizer, tmp_path):
     b = [(s.step, s.metrics["delta_nll/general"]) for s in resumed.history]
     assert [x for x, _ in b] == [x for x, _ in a]
     assert [y for _, y in b] == pytest.approx([y for _, y in a], rel=1e-6, abs=1e-9)
+
+
+# ------------------------------------------------------------------ measurement
+def test_measurer_turns_a_pass_into_snapshot_keys(tokenizer):
+    from arena_callbacks.measure import Measurer
+    from arena_callbacks.probes import ProbeSet
+
+    cfg = MonitorConfig.model_validate({"probe": {"batch_size": 8, "max_length": 64},
+                                        "geometry": {"enabled": True, "reference": "cache", "tokens_per_module": 32}})
+    measurer = Measurer(cfg, {"general": ProbeSet.build("general", GENERAL, cfg.probe)})
+    assert measurer.keys == ["delta_nll/general", "nll/general", "probe/seconds", "retention/general",
+                             "retention_nll/general", "sp/stability", "geometry/*"]
+    model = pretrained_model()
+    measurer.runner.prepare(tokenizer)
+    keys = measurer.setup(model)
+    assert "geometry/procrustes/model.norm" in keys and "geometry/*" not in keys
+    clock = iter([10.0, 12.5])
+    results, seconds, extra = measurer.run(model, DistContext(), 0, "test", baseline=True, clock=lambda: next(clock))
+    assert seconds == 2.5 and extra["geometry/procrustes/max"] < 1e-2  # its own reference, cached in bf16
+    measurer.baseline_results = results
+    metrics = measurer.metrics(results, seconds)
+    assert metrics["delta_nll/general"] == 0.0 and metrics["retention/general"] == 1.0
+    assert metrics["nll/general"] == results["general"].nll and metrics["probe/seconds"] == 2.5
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)  # a scaled output: a distortion CKA forgives, Procrustes does not
+    results, _, extra = measurer.run(model, DistContext(), 2, "test")
+    moved = measurer.metrics(results, 0.0)
+    assert moved["delta_nll/general"] != 0.0 and moved["retention/general"] == pytest.approx(
+        math.exp(-moved["delta_nll/general"]))
+    assert extra["geometry/procrustes/model.norm"] > 0.4  # ‖1.5·X0 − X0‖ / ‖X0‖ = 0.5, less cache noise
+    assert extra["geometry/cka/model.norm"] == pytest.approx(1.0, abs=1e-2)
