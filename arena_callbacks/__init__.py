@@ -17,6 +17,7 @@ from .config import (
 from .exceptions import ArenaError, BudgetKeyError, ProbeDataError
 from .history import read_history
 from .measurements import Snapshot
+from .monitor_file import MonitorFileError, load_monitor_file
 from .probes import Probe, ProbeFailure, ProbeResult, ProbeRunner, ProbeSet
 from .runs import Run, load_run
 
@@ -34,6 +35,7 @@ __all__ = [
     "GeometryConfig",
     "LoggingConfig",
     "MonitorConfig",
+    "MonitorFileError",
     "OperatingPointConfig",
     "Probe",
     "ProbeDataError",
@@ -49,6 +51,7 @@ __all__ = [
     "SpectraConfig",
     "__version__",
     "evaluate_budgets",
+    "load_monitor_file",
     "load_run",
     "read_history",
 ]

@@ -18,7 +18,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .config import MonitorConfig
 from .engine import ForgettingEngine, StepOutcome
+from .exceptions import BudgetKeyError, ProbeDataError
 from .layout import STATE_FILE
+from .monitor_file import MonitorFileError
 from .tensorboard import resolve_tensorboard_dir
 from .views import EngineViews
 
@@ -69,6 +71,20 @@ class ForgettingMonitor(EngineViews, TrainerCallback):
                                        tokenizer=tokenizer)
         self._trainer = trainer
         self._state: TrainerState | None = None
+
+    @classmethod
+    def from_config(
+        cls, path: str | Path, *, tokenizer: Any = None, trainer: Any = None, **config_fields: Any
+    ) -> ForgettingMonitor:
+        """A monitor described entirely by one YAML/JSON file: settings, ``probes`` and ``target``
+        (:mod:`arena_callbacks.monitor_file`; paths relative to the file). Errors name the key."""
+        from .monitor_file import load_monitor_file
+
+        spec = load_monitor_file(path, tokenizer=tokenizer, **config_fields)
+        try:
+            return cls(spec.config, spec.probes, spec.target, tokenizer=tokenizer, trainer=trainer)
+        except (ProbeDataError, BudgetKeyError) as e:
+            raise MonitorFileError(f"{spec.path}: {e}") from e
 
     def attach(self, trainer: Any) -> ForgettingMonitor:
         """Tell the monitor which trainer it watches (see ``trainer`` above); returns the monitor."""
