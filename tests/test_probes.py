@@ -259,3 +259,76 @@ def test_failure_outside_the_forward_is_a_probe_failure_too(tokenizer, model):
     model.get_base_model = broken_get_base_model  # fails while inspecting the forward, before any batch
     with pytest.raises(ProbeFailure, match="broken wrapper"):
         r.run(model)
+
+
+# ------------------------------------------------------------------ conversational rows
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+CHATS = [
+    {"messages": [{"role": "user", "content": "one two three"}, {"role": "assistant", "content": " four five"}]},
+    {"messages": [{"role": "system", "content": "the cat"}, {"role": "user", "content": "red blue"},
+                  {"role": "assistant", "content": " green dog."}]},
+]
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_conversational_completion_nll_matches_a_float64_reference_on_the_templated_tokens(chat_tokenizer, model):
+    """The answer is what the template writes after the generation prompt; its tokens are scored,
+    on the template's own tokens (no second BOS)."""
+    got = runner(chat_tokenizer, chat=CHATS).run(model)["chat"]
+    assert got.kind == "completion"
+    nll, n, em = 0.0, 0, 0
+    for row in CHATS:
+        msgs = row["messages"]
+        prompt = chat_tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+        full = chat_tokenizer.apply_chat_template(msgs, tokenize=False)
+        assert full.startswith(prompt) and full.count("<s>") == 1
+        ids = chat_tokenizer(full, add_special_tokens=False)["input_ids"]
+        start = len(chat_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        assert ids[:start] == chat_tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        lp, exact = ref_logprobs(model, ids, start)
+        nll, n, em = nll - lp.sum().item(), n + lp.numel(), em + int(exact)
+    assert got.tokens == n and got.nll == pytest.approx(nll / n, rel=1e-5)
+    assert got.score == pytest.approx(em / len(CHATS))
+
+
+def test_conversations_as_text_and_trl_prompt_completion(chat_tokenizer, model):
+    trl_rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in CHATS]
+    as_text = [{"messages": r["messages"][:-1]} for r in CHATS]  # no assistant turn: a text row
+    r = runner(chat_tokenizer, chat=CHATS, trl=trl_rows, whole=as_text)
+    got = r.run(model)
+    assert got["trl"].kind == "completion" and got["trl"].nll == got["chat"].nll
+    assert got["whole"].kind == "text"
+    total, n = 0.0, 0
+    for row in as_text:
+        ids = chat_tokenizer(chat_tokenizer.apply_chat_template(row["messages"], tokenize=False),
+                             add_special_tokens=False)["input_ids"]
+        lp, _ = ref_logprobs(model, ids, 1)
+        total, n = total - lp.sum().item(), n + lp.numel()
+    assert got["whole"].tokens == n and got["whole"].nll == pytest.approx(total / n, rel=1e-5)
+    # An explicit text probe over whole conversations scores every token of each.
+    assert runner(chat_tokenizer, w=Probe(CHATS, kind="text")).run(model)["w"].kind == "text"
+
+
+def test_conversational_row_errors(tokenizer, chat_tokenizer):
+    with pytest.raises(ProbeDataError, match=r"probe 'chat' \(completion\), row 0: conversational rows need a "
+                                             r"tokenizer with a chat template"):
+        runner(tokenizer, chat=CHATS)
+    bad = [{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]}]
+    with pytest.raises(ProbeDataError, match=r"row 0: messages\[0\] needs string 'role' and 'content'"):
+        runner(chat_tokenizer, chat=bad)
+    one = [{"messages": [{"role": "assistant", "content": "x"}]}]
+    with pytest.raises(ProbeDataError, match=r"ends with the assistant's message, after at least one other"):
+        runner(chat_tokenizer, chat=one)
+    with pytest.raises(ProbeDataError, match=r"conversational rows are text or completion probes"):
+        runner(chat_tokenizer, chat=Probe(CHATS, kind="multiple_choice"))

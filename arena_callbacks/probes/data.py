@@ -7,6 +7,13 @@ Three kinds (the probes of docs/design.md), told apart by their fields unless na
   log-likelihood ranking of the choices, accuracy; NLL of the correct choice.
 * ``completion``: ``{"prompt": ..., "completion": ...}``: teacher-forced exact match of the
   answer span (every answer token is the greedy prediction) and answer NLL.
+
+Conversational rows, rendered with the tokenizer's chat template when they are tokenised:
+``{"messages": [{"role": ..., "content": ...}, ...]}`` is a ``completion`` row when its last
+message is the assistant's (that answer is scored; the template's own text around it counts as
+the answer's, as the template writes it) and a ``text`` row otherwise (the whole conversation
+scored; ``Probe(..., kind="text")`` asks for that on any conversation); TRL's conversational
+``{"prompt": [messages], "completion": [messages]}`` is a ``completion`` row.
 """
 
 from __future__ import annotations
@@ -82,8 +89,15 @@ def load_rows(data: Any, name: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+def is_conversation(value: Any) -> bool:
+    """A list of ``{"role", "content"}`` messages (a conversational field)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, Mapping) for m in value)
+
+
 def _infer_kind(rows: list[dict[str, Any]], name: str) -> str:
     first = rows[0]
+    if is_conversation(first.get("messages")):
+        return "completion" if first["messages"][-1].get("role") == "assistant" else "text"
     if "choices" in first:
         return "multiple_choice"
     if "prompt" in first and "completion" in first:
@@ -158,7 +172,23 @@ def _validate_row(name: str, kind: str, i: int, row: dict[str, Any]) -> None:
         if not isinstance(value, str) or not value.strip():
             fail(f"field {field_name!r} must be a non-empty string, got {value!r:.60}")
 
-    if kind == "text":
+    def need_messages(field_name: str, value: Any) -> None:
+        if not is_conversation(value):
+            fail(f"field {field_name!r} must be a non-empty list of messages, got {value!r:.60}")
+        for j, m in enumerate(value):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                fail(f"{field_name}[{j}] needs string 'role' and 'content', got {dict(m)!r:.80}")
+
+    if "messages" in row and row["messages"] is not None:
+        need_messages("messages", row["messages"])
+        if kind == "completion" and (row["messages"][-1]["role"] != "assistant" or len(row["messages"]) < 2):
+            fail("a conversational completion row ends with the assistant's message, after at least one other")
+        if kind == "multiple_choice":
+            fail("conversational rows are text or completion probes, not multiple choice")
+    elif kind == "completion" and is_conversation(row.get("prompt")):
+        need_messages("prompt", row["prompt"])
+        need_messages("completion", row.get("completion"))
+    elif kind == "text":
         need_text(*first_field(row, ["text"]), "'text'")
     elif kind == "completion":
         need_text(*first_field(row, ["prompt"]), "'prompt'")

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import ProbeSettings
 from ..exceptions import ProbeDataError
-from .data import CONTEXT_FIELDS, ProbeSet, first_field
+from .data import CONTEXT_FIELDS, ProbeSet, first_field, is_conversation
 
 
 @dataclass(frozen=True)
@@ -24,18 +24,20 @@ def encode(tokenizer: Any, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], int]:
+def encode_pair(tokenizer: Any, context: str, continuation: str, special: bool = True) -> tuple[list[int], int]:
     """Token ids of context+continuation and where the continuation starts.
 
     Trailing spaces of the context move to the continuation, and the continuation is read off
     the whole encoding (as lm-evaluation-harness does), so merges across the boundary are kept.
+    ``special``: let the tokenizer add its special tokens (BOS); off for chat-templated text,
+    which carries its own.
     """
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
         context = context[:-n_spaces]
-    whole = encode(tokenizer, context + continuation, special=True)
-    ctx = encode(tokenizer, context, special=True)
+    whole = encode(tokenizer, context + continuation, special=special)
+    ctx = encode(tokenizer, context, special=special)
     if whole[: len(ctx)] != ctx or len(whole) == len(ctx):
         # The boundary merged; fall back to separate encodings.
         whole = ctx + encode(tokenizer, continuation, special=False)
@@ -47,16 +49,45 @@ def tokenize_probe(probe: ProbeSet, tokenizer: Any, settings: ProbeSettings) -> 
     order) for a multiple-choice row. Rows longer than ``max_length`` raise unless truncated."""
     seqs: list[Seq] = []
     for i, row in enumerate(probe.rows):
+        chat = is_conversation(row.get("messages")) or is_conversation(row.get("prompt"))
         if probe.kind == "text":
-            seqs.append(_text_seq(probe, i, row["text"], tokenizer, settings))
+            text = _render(probe, i, tokenizer, row["messages"]) if chat else row["text"]
+            seqs.append(_text_seq(probe, i, text, tokenizer, settings, special=not chat))
             continue
-        if probe.kind == "completion":
+        if chat:
+            pairs = [_chat_pair(probe, i, row, tokenizer)]
+        elif probe.kind == "completion":
             pairs = [(row["prompt"], row["completion"])]
         else:
             _, ctx = first_field(row, CONTEXT_FIELDS)
             pairs = [(ctx, c) for c in row["choices"]]
-        seqs += [_pair_seq(probe, i, j, ctx, cont, tokenizer, settings) for j, (ctx, cont) in enumerate(pairs)]
+        seqs += [_pair_seq(probe, i, j, ctx, cont, tokenizer, settings, special=not chat)
+                 for j, (ctx, cont) in enumerate(pairs)]
     return seqs
+
+
+def _render(probe: ProbeSet, i: int, tokenizer: Any, messages: list[Any], generation_prompt: bool = False) -> str:
+    """Messages as the tokenizer's chat template writes them."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ProbeDataError(f"probe {probe.name!r} ({probe.kind}), row {probe.row_ids[i]}: conversational rows "
+                             "need a tokenizer with a chat template (tokenizer.chat_template is None)")
+    return tokenizer.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def _chat_pair(probe: ProbeSet, i: int, row: dict[str, Any], tokenizer: Any) -> tuple[str, str]:
+    """(prompt, answer) text of a conversational completion row: the prompt ends with the
+    template's generation prompt; the answer is the rest of the whole conversation's rendering."""
+    if is_conversation(row.get("messages")):
+        prompt, whole = row["messages"][:-1], row["messages"]
+    else:  # TRL's conversational prompt/completion
+        prompt, whole = row["prompt"], [*row["prompt"], *row["completion"]]
+    context = _render(probe, i, tokenizer, prompt, generation_prompt=True)
+    full = _render(probe, i, tokenizer, whole)
+    if not full.startswith(context) or len(full) == len(context):
+        raise ProbeDataError(f"probe {probe.name!r} ({probe.kind}), row {probe.row_ids[i]}: the chat template "
+                             "does not render the conversation as its prompt followed by the answer")
+    return context, full[len(context):]
 
 
 def _too_long(probe: ProbeSet, i: int, n: int, limit: int) -> ProbeDataError:
@@ -66,10 +97,11 @@ def _too_long(probe: ProbeSet, i: int, n: int, limit: int) -> ProbeDataError:
     )
 
 
-def _text_seq(probe: ProbeSet, i: int, text: str, tokenizer: Any, settings: ProbeSettings) -> Seq:
+def _text_seq(probe: ProbeSet, i: int, text: str, tokenizer: Any, settings: ProbeSettings,
+              special: bool = True) -> Seq:
     """A text row: every token but the first is scored; a long row keeps its beginning when truncated."""
     limit = settings.max_length
-    ids = encode(tokenizer, text, special=True)
+    ids = encode(tokenizer, text, special=special)
     if len(ids) > limit:
         if not settings.truncate:
             raise _too_long(probe, i, len(ids), limit)
@@ -83,12 +115,13 @@ def _text_seq(probe: ProbeSet, i: int, text: str, tokenizer: Any, settings: Prob
 
 
 def _pair_seq(
-    probe: ProbeSet, i: int, j: int, ctx: str, cont: str, tokenizer: Any, settings: ProbeSettings
+    probe: ProbeSet, i: int, j: int, ctx: str, cont: str, tokenizer: Any, settings: ProbeSettings,
+    special: bool = True,
 ) -> Seq:
     """Context + continuation ``j`` of row ``i``, the continuation scored; a long one loses the
     beginning of its context when truncated (never a scored token)."""
     limit = settings.max_length
-    ids, start = encode_pair(tokenizer, ctx, cont)
+    ids, start = encode_pair(tokenizer, ctx, cont, special=special)
     if start == 0:  # nothing before the first scored token: score from position 1
         start = 1
     if len(ids) > limit:
