@@ -1,4 +1,5 @@
-"""Command line: ``arena-callbacks report <output_dir>``, ``compare <run>...`` and ``rewind <output_dir>``."""
+"""Command line: ``arena-callbacks report <output_dir>``, ``compare <run>...``, ``rewind <output_dir>``,
+``run --config monitor.yaml -- <command>`` and ``hook install|uninstall|status``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="arena-callbacks",
-        description="Reports, comparisons and after-the-fact rewinds of saved forgetting-monitor runs.",
+        description="Reports, comparisons and after-the-fact rewinds of saved forgetting-monitor runs; "
+        "a monitor attached to any Trainer-based command without editing it.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="plots and report.md for one run")
@@ -35,7 +37,45 @@ def _parser() -> argparse.ArgumentParser:
                    "rewind.alphas)")
     w.add_argument("--layerwise", action="store_true", help="scale layers separately: α_l = α + (1 − α)·depth")
     w.add_argument("--device", default="cpu", help="where the probes run (default: cpu)")
+    x = sub.add_parser(
+        "run",
+        help="run a command with a monitor (built from --config) added to every transformers Trainer it builds",
+    )
+    x.add_argument("--config", required=True, help="the monitor YAML/JSON file (settings, probes, target)")
+    x.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    h = sub.add_parser("hook", help="the .pth file behind `run` and ARENA_CALLBACKS_CONFIG (inert while unset)")
+    h.add_argument("action", choices=["install", "uninstall", "status"])
     return p
+
+
+def _run(config: str, cmd: list[str]) -> int:
+    """Check the file, make sure the hook is installed, and run ``cmd`` with the variable set."""
+    import os
+    import subprocess
+
+    from .autoattach import ENV, install_hook
+    from .monitor_file import load_monitor_file
+
+    cmd = cmd[1:] if cmd[:1] == ["--"] else cmd
+    if not cmd:
+        print("arena-callbacks run: error: give the command after --", file=sys.stderr)
+        return 2
+    path = Path(config).expanduser().resolve()
+    load_monitor_file(path)  # a bad file fails here, before the command starts
+    install_hook()
+    return subprocess.call(cmd, env={**os.environ, ENV: str(path)})
+
+
+def _hook(action: str) -> int:
+    from .autoattach import hook_path, install_hook, uninstall_hook
+
+    if action == "install":
+        print(install_hook())
+    elif action == "uninstall":
+        print(f"removed {hook_path()}" if uninstall_hook() else f"not installed ({hook_path()})")
+    else:
+        print(f"installed: {hook_path()}" if hook_path().is_file() else f"not installed ({hook_path()})")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.command == "run":
+            return _run(args.config, args.cmd)
+        if args.command == "hook":
+            return _hook(args.action)
         if args.command == "rewind":
             from .posthoc import rewind_run
 
