@@ -19,7 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .config import MonitorConfig
 from .engine import ForgettingEngine, StepOutcome
 from .exceptions import BudgetKeyError, ProbeDataError
-from .layout import STATE_FILE
+from .layout import MONITOR_DIR, STATE_FILE
 from .monitor_file import MonitorFileError
 from .tensorboard import resolve_tensorboard_dir
 from .views import EngineViews
@@ -98,6 +98,7 @@ class ForgettingMonitor(EngineViews, TrainerCallback):
         self._state = state
         if self._trainer is None:
             self._trainer = _trainer_of(control)
+        self._check_alone(args)
         tb_dir = None
         if self.config.logging.tensorboard:
             tb_dir = resolve_tensorboard_dir(self.config.logging.tensorboard_dir, self._trainer, args.output_dir)
@@ -135,6 +136,19 @@ class ForgettingMonitor(EngineViews, TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         _apply(self.engine.end(kwargs["model"], state.global_step, epoch=state.epoch), args, control)
+
+    def _folder(self, args: TrainingArguments) -> Path:
+        return Path(self.config.logging.output_dir or Path(args.output_dir) / MONITOR_DIR).resolve()
+
+    def _check_alone(self, args: TrainingArguments) -> None:
+        """Two monitors of one trainer must not write the same folder (refused at train start)."""
+        callbacks = getattr(getattr(self._trainer, "callback_handler", None), "callbacks", [])
+        for other in callbacks:
+            if isinstance(other, ForgettingMonitor) and other is not self and other._folder(args) == self._folder(args):
+                raise ValueError(
+                    f"two ForgettingMonitors on one trainer would both write {self._folder(args)}; attach one, or "
+                    "give each its own logging.output_dir"
+                )
 
     # ------------------------------------------------------------------ the trainer's log
     def _log(self, metrics: dict[str, float], step: int) -> None:

@@ -244,3 +244,26 @@ def test_the_trainer_is_found_as_the_owner_of_the_control_the_hooks_receive(toke
     assert monitor._trainer is trainer
     logged = [h for h in trainer.state.log_history if "retention/general" in h]
     assert [h["step"] for h in logged] == [0, 2] and all("epoch" in h for h in logged)
+
+
+def test_two_monitors_writing_one_folder_are_refused_at_train_start(tokenizer, tmp_path):
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+    def trainer_with(*monitors):
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True,
+                                 save_strategy="no")
+        return Trainer(model=pretrained_model(), args=args, train_dataset=[tokenizer(TARGET_TEXT)] * 8,
+                       processing_class=tokenizer,
+                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=list(monitors))
+
+    cfg = {"cadence": {"every_n_steps": 2}, "logging": {"tensorboard": False}}
+    first, second = (ForgettingMonitor(cfg, probes={"general": GENERAL}) for _ in range(2))
+    trainer = trainer_with(first, second)
+    with pytest.raises(ValueError, match=r"two ForgettingMonitors on one trainer would both write .*arena; attach "
+                                         r"one, or give each its own logging.output_dir"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    mine = ForgettingMonitor({**cfg, "logging": {"tensorboard": False, "output_dir": str(tmp_path / "mine")}},
+                             probes={"general": GENERAL})
+    trainer_with(ForgettingMonitor(cfg, probes={"general": GENERAL}), mine).train()
+    assert [s.step for s in mine.history] == [0, 2] and (tmp_path / "arena" / "history.jsonl").is_file()
