@@ -19,7 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .config import MonitorConfig
 from .engine import ForgettingEngine, StepOutcome
 from .exceptions import BudgetKeyError, ProbeDataError
-from .layout import MONITOR_DIR, STATE_FILE
+from .layout import STATE_FILE
 from .monitor_file import MonitorFileError
 from .tensorboard import resolve_tensorboard_dir
 from .views import EngineViews
@@ -137,16 +137,15 @@ class ForgettingMonitor(EngineViews, TrainerCallback):
     ) -> None:
         _apply(self.engine.end(kwargs["model"], state.global_step, epoch=state.epoch), args, control)
 
-    def _folder(self, args: TrainingArguments) -> Path:
-        return Path(self.config.logging.output_dir or Path(args.output_dir) / MONITOR_DIR).resolve()
-
     def _check_alone(self, args: TrainingArguments) -> None:
         """Two monitors of one trainer must not write the same folder (refused at train start)."""
+        mine = self.engine.folder_for(args.output_dir).resolve()
         callbacks = getattr(getattr(self._trainer, "callback_handler", None), "callbacks", [])
         for other in callbacks:
-            if isinstance(other, ForgettingMonitor) and other is not self and other._folder(args) == self._folder(args):
+            if (isinstance(other, ForgettingMonitor) and other is not self
+                    and other.engine.folder_for(args.output_dir).resolve() == mine):
                 raise ValueError(
-                    f"two ForgettingMonitors on one trainer would both write {self._folder(args)}; attach one, or "
+                    f"two ForgettingMonitors on one trainer would both write {mine}; attach one, or "
                     "give each its own logging.output_dir"
                 )
 
@@ -218,8 +217,8 @@ def _resume_checkpoint(args: TrainingArguments, state: TrainerState) -> Path | N
     holds the monitor's state, else ``<output_dir>/checkpoint-<step>`` (what
     ``train(resume_from_checkpoint=True)`` picks); only a run resumed from a folder elsewhere
     needs the caller's ``resume_from_checkpoint`` argument, looked up on the stack."""
-    for candidate in (getattr(args, "resume_from_checkpoint", None),
-                      Path(args.output_dir) / f"checkpoint-{state.global_step}"):
+    guess = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    for candidate in (getattr(args, "resume_from_checkpoint", None), guess):
         if isinstance(candidate, (str, os.PathLike)) and (Path(candidate) / STATE_FILE).is_file():
             return Path(candidate)
     frame = inspect.currentframe()
@@ -233,5 +232,4 @@ def _resume_checkpoint(args: TrainingArguments, state: TrainerState) -> Path | N
                 return Path(value)
     finally:
         del frame
-    guess = Path(args.output_dir) / f"checkpoint-{state.global_step}"
     return guess if guess.is_dir() else None

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,7 +145,7 @@ class ForgettingEngine:
         self.base_model_path = _base_model_path(model)
         if self.measurer.geometry is not None or self.config.spectra.enabled:
             check_budget_keys(self.config.budgets, self.measurer.setup(model))
-        self.output_dir = Path(self.config.logging.output_dir or os.path.join(output_dir, "arena"))
+        self.output_dir = self.folder_for(output_dir)
         self.layout = RunLayout(self.output_dir)
         self.history = History(self.layout.history if self.ctx.is_main else None)
         self.history.start_file(fresh=step == 0)  # a resumed run appends to its file, never wipes it
@@ -168,6 +167,10 @@ class ForgettingEngine:
             )
         self._measure_baseline(model, step, epoch)
         self.schedule.start()
+
+    def folder_for(self, output_dir: str | Path) -> Path:
+        """The monitor's folder for a run in ``output_dir``: ``logging.output_dir``, else ``<output_dir>/arena``."""
+        return Path(self.config.logging.output_dir or RunLayout.for_output_dir(output_dir).root)
 
     def after_step(
         self, model: torch.nn.Module, step: int, *, epoch: float | None = None, optimizer: Any = None,
@@ -243,8 +246,7 @@ class ForgettingEngine:
             return StepOutcome()
         metrics = with_sp(self.history.snapshots, step, {**self.measurer.metrics(results, seconds), **extra},
                           self.config)
-        last = self.history.snapshots[-1].step if self.history.snapshots else step
-        self._scalars(self.schedule.probed(step, seconds, last), step)
+        self._scalars(self.schedule.probed(step, seconds), step)
         snapshot = Snapshot(step, metrics, epoch, trigger=trigger)
         decision = evaluate_budgets(self.config.budgets, snapshot, self.history.snapshots)
         # Decisions are computed from all-reduced numbers, so they agree; still, stop every

@@ -120,12 +120,12 @@ class ProbeSchedule:
         self.probe_cost = seconds
         self.next_probe_step = None
 
-    def probed(self, step: int, seconds: float, last_step: int) -> dict[str, float]:
+    def probed(self, step: int, seconds: float) -> dict[str, float]:
         """A probe pass of ``seconds`` ran at ``step``; returns the scalars to log (empty under a
-        fixed cadence)."""
+        fixed cadence). The next interval counts from this step."""
         self.probe_cost = seconds + self.bookkeeping
         self.overhead["monitor_seconds"] += seconds
-        return self.reschedule(step, last_step, probed=True)
+        return self.reschedule(step, last_step=step, probed=True)
 
     def reschedule(self, step: int, last_step: int, probed: bool = False) -> dict[str, float]:
         """Set the next budget-scheduled probe step from the measured probe cost and step time.
@@ -147,7 +147,7 @@ class ProbeSchedule:
         interval = max(c.min_interval, math.ceil(wanted - 1e-9))
         if c.max_interval is not None:
             interval = min(interval, c.max_interval)
-        self.next_probe_step = max(step + 1 if probed else step, (step if probed else last_step) + interval)
+        self.next_probe_step = max(step + 1 if probed else step, last_step + interval)
         return {"arena/probe_interval": float(interval), "arena/step_seconds": step_time}
 
     # ------------------------------------------------------------------ accounts

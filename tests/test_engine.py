@@ -56,7 +56,7 @@ def test_budgeted_cadence_on_a_fake_clock():
             with s.probe_step():
                 clock.now += 1.0  # the pass...
                 seconds = s.share_pass(1.0)
-                s.probed(step, seconds, last_step=probed[-1] if probed else 0)
+                s.probed(step, seconds)
                 clock.now += 0.5  # ...and the bookkeeping around it
             probed.append(step)
         s.start()
