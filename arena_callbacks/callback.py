@@ -18,9 +18,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .config import MonitorConfig
 from .engine import ForgettingEngine, StepOutcome
-from .exceptions import BudgetKeyError, ProbeDataError
 from .layout import STATE_FILE
-from .monitor_file import MonitorFileError
 from .tensorboard import resolve_tensorboard_dir
 from .views import EngineViews
 
@@ -78,13 +76,9 @@ class ForgettingMonitor(EngineViews, TrainerCallback):
     ) -> ForgettingMonitor:
         """A monitor described entirely by one YAML/JSON file: settings, ``probes`` and ``target``
         (:mod:`arena_callbacks.monitor_file`; paths relative to the file). Errors name the key."""
-        from .monitor_file import load_monitor_file
+        from .monitor_file import build_from_file
 
-        spec = load_monitor_file(path, tokenizer=tokenizer, **config_fields)
-        try:
-            return cls(spec.config, spec.probes, spec.target, tokenizer=tokenizer, trainer=trainer)
-        except (ProbeDataError, BudgetKeyError) as e:
-            raise MonitorFileError(f"{spec.path}: {e}") from e
+        return build_from_file(cls, path, tokenizer=tokenizer, trainer=trainer, **config_fields)
 
     def attach(self, trainer: Any) -> ForgettingMonitor:
         """Tell the monitor which trainer it watches (see ``trainer`` above); returns the monitor."""

@@ -110,6 +110,17 @@ class ForgettingEngine:
         self.resumed_from: Path | None = None
         self.last_probe_step = -1
 
+    @classmethod
+    def from_config(
+        cls, path: str | Path, *, tokenizer: Any = None, clock: Callable[[], float] = time.perf_counter,
+        **config_fields: Any,
+    ) -> ForgettingEngine:
+        """An engine described entirely by one monitor file (settings, ``probes``, ``target``;
+        :mod:`arena_callbacks.monitor_file`), as ``ForgettingMonitor.from_config``. Errors name the key."""
+        from .monitor_file import build_from_file
+
+        return build_from_file(cls, path, tokenizer=tokenizer, clock=clock, **config_fields)
+
     # ------------------------------------------------------------------ views
     @property
     def baseline_results(self) -> dict[str, ProbeResult] | None:

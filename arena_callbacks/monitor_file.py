@@ -39,11 +39,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import MonitorConfig
-from .exceptions import ArenaError
+from .exceptions import ArenaError, BudgetKeyError, ProbeDataError
 from .measurements import TARGET
 from .probes import Probe
 
-__all__ = ["MonitorFile", "MonitorFileError", "load_monitor_file"]
+__all__ = ["MonitorFile", "MonitorFileError", "build_from_file", "load_monitor_file"]
 
 #: The keys a file adds to the config's own.
 FILE_KEYS = ("probes", "target")
@@ -70,17 +70,43 @@ class MonitorFile:
     target: Probe | None
 
 
-def load_monitor_file(path: str | Path, *, tokenizer: Any = None, **config_fields: Any) -> MonitorFile:
+def build_from_file(
+    cls: type, path: str | Path, *, tokenizer: Any = None, data: Mapping[str, Any] | None = None, **kwargs: Any
+) -> Any:
+    """``cls(config, probes, target, tokenizer=tokenizer, **kwargs)`` from a monitor file, for every
+    adapter's ``from_config``: the engine, the ``Trainer`` callback and the Lightning callback.
+
+    ``kwargs`` that are config fields override the file's settings; the others go to ``cls``.
+    ``data``: the file's content given inline (see :func:`load_monitor_file`).
+    Errors, the probe checks done at construction included, name the file.
+    """
+    fields = {k: v for k, v in kwargs.items() if k in MonitorConfig.model_fields}
+    others = {k: v for k, v in kwargs.items() if k not in fields}
+    spec = load_monitor_file(path, tokenizer=tokenizer, data=data, **fields)
+    try:
+        return cls(spec.config, spec.probes, spec.target, tokenizer=tokenizer, **others)
+    except (ProbeDataError, BudgetKeyError) as e:
+        raise MonitorFileError(f"{spec.path}: {e}") from e
+
+
+def load_monitor_file(
+    path: str | Path, *, tokenizer: Any = None, data: Mapping[str, Any] | None = None, **config_fields: Any
+) -> MonitorFile:
     """Read a monitor file (see the module docstring); ``config_fields`` override its settings.
 
     ``tokenizer`` is used by capability sets that follow a chat template (``instruction_following``).
+    ``data``: the file's content, already read (a tool's config that holds it inline); ``path`` then
+    only names it in messages and its folder resolves relative paths.
 
     Raises:
         MonitorFileError: the file is missing or malformed, a setting is invalid, or a probe
             source cannot be read; the message names the key.
     """
     path = Path(path)
-    data = _read(path)
+    if data is None:
+        data = _read(path)
+    elif not isinstance(data, Mapping):
+        raise MonitorFileError(f"{path}: expected a mapping of settings at the top, got {type(data).__name__}")
     fields = {k: v for k, v in data.items() if k not in FILE_KEYS}
     try:
         config = MonitorConfig.model_validate({**fields, **config_fields})

@@ -7,6 +7,7 @@ checkpoints (``begin(resume_from=...)`` restores), and ``end``.
 
     python examples/custom_loop.py --output_dir runs/loop --max_steps 40 --save_every 10
     python examples/custom_loop.py --output_dir runs/loop --max_steps 40 --resume runs/loop/checkpoint-20
+    python examples/custom_loop.py --output_dir runs/loop --monitor monitor.yaml   # probes from one file
     torchrun --nproc_per_node 2 examples/custom_loop.py --output_dir runs/loop_ddp --max_steps 40 --cpu
 
 ``--model``: a local causal-LM folder, a ``.gguf`` file or a built-in name (``arena_callbacks.models``);
@@ -59,7 +60,7 @@ class LoopResult:
 def train(model: torch.nn.Module, tokenizer: Any, *, output_dir: str | Path, config: Any = None,
           probes: dict[str, Any] | None = None, target: Any = TARGET, texts: list[str] = TASK, max_steps: int = 40,
           lr: float = 1e-2, batch_size: int = 8, save_every: int = 0, resume: str | Path | None = None,
-          seed: int = 0, device: str = "cpu") -> LoopResult:
+          seed: int = 0, device: str = "cpu", monitor: str | Path | None = None) -> LoopResult:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -78,7 +79,11 @@ def train(model: torch.nn.Module, tokenizer: Any, *, output_dir: str | Path, con
 
     # ARENA (1/4): probes and budgets; measures the baseline (resuming: restores the saved state).
     # Every rank makes every call; the engine is given the model itself, not the DDP wrapper.
-    engine = ForgettingEngine(config or MONITOR, probes or {"general": GENERAL}, target=target, tokenizer=tokenizer)
+    # `monitor`: one file with the settings, probes and target (docs/probes.md), as for the other tools.
+    if monitor is not None:
+        engine = ForgettingEngine.from_config(monitor, tokenizer=tokenizer)
+    else:
+        engine = ForgettingEngine(config or MONITOR, probes or {"general": GENERAL}, target=target, tokenizer=tokenizer)
     engine.begin(model, step=step, output_dir=output_dir, resume_from=resume, log=_print if rank == 0 else None)
 
     stopped = False
@@ -143,7 +148,9 @@ def main(argv: list[str] | None = None) -> LoopResult:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="'tiny', a local model folder, a .gguf file or a built-in name")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--config", default=None, help="the monitor's config (YAML/JSON file); default: MONITOR")
+    p.add_argument("--config", default=None, help="the monitor's settings (YAML/JSON file); default: MONITOR")
+    p.add_argument("--monitor", default=None,
+                   help="a monitor file: settings, probes and target in one (docs/probes.md); replaces --config")
     p.add_argument("--max_steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=None, help="default: 1e-2 for 'tiny', else 2e-5")
     p.add_argument("--batch_size", type=int, default=8, help="rows per rank and step")
@@ -159,7 +166,8 @@ def main(argv: list[str] | None = None) -> LoopResult:
     model, tok = load_model(args.model)
     result = train(model, tok, output_dir=args.output_dir, config=args.config, max_steps=args.max_steps,
                    lr=args.lr or (1e-2 if args.model == "tiny" else 2e-5), batch_size=args.batch_size,
-                   save_every=args.save_every, resume=args.resume, device="cuda" if cuda else "cpu")
+                   save_every=args.save_every, resume=args.resume, device="cuda" if cuda else "cpu",
+                   monitor=args.monitor)
     if result.engine.ctx.is_main:
         print(f"{'stopped' if result.stopped else 'finished'} at step {result.step}; history: "
               f"{result.engine.output_dir}/history.jsonl", flush=True)

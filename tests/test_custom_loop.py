@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
@@ -131,3 +132,17 @@ def test_two_gloo_processes_agree_and_stop_at_the_same_step(stop_run, tmp_path):
     assert [h["step"] for h in r0["history"]] == [s.step for s in single.engine.history.snapshots]
     for h, s in zip(r0["history"], single.engine.history.snapshots):
         assert h["metrics"]["nll/general"] == pytest.approx(s.metrics["nll/general"], rel=1e-4)
+
+
+def test_a_monitor_file_on_the_command_line_gives_the_same_run(stop_run, tmp_path):
+    """``--monitor monitor.yaml`` (settings, probes and target in one file) measures and stops exactly
+    as the monitor built in Python."""
+    out, result = stop_run
+    for name, rows in (("general", custom_loop.GENERAL), ("heldout", custom_loop.TARGET)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "monitor.yaml"
+    path.write_text(yaml.safe_dump({**STOP, "probes": {"general": "general.jsonl"}, "target": "heldout.jsonl"}))
+    from_file = custom_loop.main(["--output_dir", str(tmp_path / "run"), "--monitor", str(path),
+                                  "--max_steps", str(MAX_STEPS)])
+    assert from_file.stopped and from_file.step == result.step
+    assert strip(from_file.engine.history.snapshots) == strip(result.engine.history.snapshots)

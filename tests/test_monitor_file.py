@@ -140,3 +140,32 @@ def test_file_errors(folder):
         load_monitor_file(folder / "list.yaml")
     (folder / "monitor.json").write_text(json.dumps({"probes": {"general": "data/general.jsonl"}}), encoding="utf-8")
     assert list(load_monitor_file(folder / "monitor.json").probes) == ["general"]
+
+
+def _adapters() -> list:
+    from arena_callbacks.engine import ForgettingEngine
+
+    adapters = [pytest.param(ForgettingEngine, id="engine"), pytest.param(ForgettingMonitor, id="trainer")]
+    try:
+        from arena_callbacks.integrations.lightning import ForgettingCallback
+    except ImportError:  # lightning is an extra
+        return adapters
+    return [*adapters, pytest.param(ForgettingCallback, id="lightning")]
+
+
+@pytest.mark.parametrize("adapter", _adapters())
+def test_every_adapter_is_built_from_the_same_file(folder, adapter):
+    """One monitor file drives the engine, the Trainer callback and the Lightning callback alike;
+    keyword config fields override the file, and errors name the file."""
+    path = write_yaml(folder / "monitor.yaml", {**SETTINGS, "probes": {"general": "data/general.jsonl"},
+                                                "target": "data/heldout.jsonl"})
+    built = adapter.from_config(path, cadence={"every_n_steps": 5})
+    engine = getattr(built, "engine", built)
+    assert engine.config.cadence.every_n_steps == 5
+    assert engine.config.budgets == load_monitor_file(path).config.budgets
+    assert sorted(engine.measurer.runner.probes) == ["general", "target"]
+    assert "delta_nll/general" in engine.measured_keys
+    bad = write_yaml(folder / "bad.yaml", {**SETTINGS, "budgets": [{"key": "retention/genral", "max_drop": 0.1}],
+                                           "probes": {"general": "data/general.jsonl"}})
+    with pytest.raises(MonitorFileError, match=r"bad.yaml: budgets\[0\].key: 'retention/genral' is not measured"):
+        adapter.from_config(bad)

@@ -100,6 +100,17 @@ class ForgettingCallback(EngineViews, pl.Callback):
         self._loaded: dict[str, Any] | None = None
         self._trainer: Any = None
 
+    @classmethod
+    def from_config(
+        cls, path: str | Path, *, tokenizer: Any = None, module: str | Callable[[Any], torch.nn.Module] | None = None,
+        **config_fields: Any,
+    ) -> ForgettingCallback:
+        """A callback described entirely by one monitor file (settings, ``probes``, ``target``;
+        :mod:`arena_callbacks.monitor_file`), as ``ForgettingMonitor.from_config``. Errors name the key."""
+        from ..monitor_file import build_from_file
+
+        return build_from_file(cls, path, tokenizer=tokenizer, module=module, **config_fields)
+
     # ------------------------------------------------------------------ Lightning hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
