@@ -27,11 +27,16 @@ sys.path.insert(0, {tests!r})
 from helpers import TARGET_TEXT, make_tokenizer, pretrained_model
 tok = make_tokenizer()
 callbacks = []
-if {own!r}:
+if {own!r} == "file":
+    import os
+    from arena_callbacks import ForgettingMonitor
+    callbacks.append(ForgettingMonitor.from_config(os.environ["MONITOR_FILE"]))
+elif {own!r}:
     from arena_callbacks import ForgettingMonitor
     callbacks.append(ForgettingMonitor({{"cadence": {{"every_n_steps": 3}}, "logging": {{"tensorboard": False}}}},
                                        probes={{"mine": [{{"text": "one two three four five."}}]}}))
-args = TrainingArguments(output_dir={out!r}, max_steps=4, per_device_train_batch_size=4, report_to=[],
+args = TrainingArguments(output_dir={out!r}, max_steps={steps}, per_device_train_batch_size=4, report_to=[],
+                         learning_rate={lr},
                          save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
 trainer = Trainer(model=pretrained_model(), args=args, train_dataset=[tok(TARGET_TEXT)] * 16, processing_class=tok,
                   data_collator=DataCollatorForLanguageModeling(tok, mlm=False), callbacks=callbacks)
@@ -68,10 +73,10 @@ def env(**extra: str) -> dict[str, str]:
     return e
 
 
-def run_script(tmp_path: Path, own: bool, **extra: str) -> subprocess.CompletedProcess:
-    script = tmp_path / "train.py"
-    out = tmp_path / "out"
-    script.write_text(SCRIPT.format(tests=str(REPO / "tests"), out=str(out), own=own))
+def run_script(tmp_path: Path, own: bool | str, out: str = "out", steps: int = 4, lr: float = 5e-5,
+               **extra: str) -> subprocess.CompletedProcess:
+    script = tmp_path / f"train_{out}.py"
+    script.write_text(SCRIPT.format(tests=str(REPO / "tests"), out=str(tmp_path / out), own=own, steps=steps, lr=lr))
     return subprocess.run([sys.executable, str(script)], env=env(**extra), cwd=tmp_path, capture_output=True,
                           text=True, timeout=240)
 
@@ -119,6 +124,34 @@ def test_a_bad_config_fails_the_command_at_start(hook, tmp_path):
     cli = subprocess.run([str(BIN / "arena-callbacks"), "run", "--config", str(bad), "--", "true"], env=env(),
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 2 and "probes.general: file data/missing.jsonl not found" in cli.stderr
+
+
+def test_attached_by_the_variable_or_in_python_the_run_is_the_same(hook, monitor_yaml, tmp_path):
+    """The same file, attached by ARENA_CALLBACKS_CONFIG or passed in Python as
+    ``ForgettingMonitor.from_config``: the same history, TensorBoard scalars and stop decision."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    spec = yaml.safe_load(monitor_yaml.read_text())
+    spec["logging"] = {"tensorboard": True}
+    spec["budgets"] = [{"key": "delta_nll/general", "max_rise": 0.05, "action": "stop"}]
+    monitor_yaml.write_text(yaml.safe_dump(spec))
+    runs = {"hook": run_script(tmp_path, own=False, out="hook", steps=12, lr=2e-2, **{ENV: str(monitor_yaml)}),
+            "python": run_script(tmp_path, own="file", out="python", steps=12, lr=2e-2, MONITOR_FILE=str(monitor_yaml))}
+    seen = {}
+    for name, proc in runs.items():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "monitors: 1" in proc.stdout
+        out = tmp_path / name
+        records = [(r["step"], {k: v for k, v in r["metrics"].items() if k != "probe/seconds"}) for r in history(out)]
+        summary = json.loads((out / "arena" / "summary.json").read_text())
+        events = EventAccumulator(str(out / "runs" / "arena")).Reload()  # beside the trainer's (none here)
+        scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+                   if not tag.endswith("probe/seconds")}
+        assert "retention/general" in scalars
+        seen[name] = (records, summary["stopped"], summary["stop_step"], scalars)
+    assert seen["hook"][1] and seen["hook"][2] < 12  # the budget fired and the run stopped early
+    assert seen["hook"][:3] == seen["python"][:3]
+    assert seen["hook"][3] == seen["python"][3]
 
 
 @pytest.mark.timeout(600)
