@@ -19,10 +19,11 @@ from enum import Enum
 
 from .config import Action, BudgetConfig
 from .measurements import Snapshot
+from .stats import degrees_of_freedom, stderr_key, t_quantile
 
 __all__ = [
     "BudgetOutcome", "Decision", "Reason", "check_budget_keys", "check_limit", "evaluate_budgets", "in_budget",
-    "threshold",
+    "margin", "threshold",
 ]
 
 
@@ -104,22 +105,42 @@ class Decision:
         }
 
 
-def check_limit(budget: BudgetConfig, value: float, baseline: float) -> bool:
-    """True when ``value`` breaks the budget's limit (NaN/inf always do)."""
+def margin(budget: BudgetConfig, stderr: float | None, df: float | None = None) -> float:
+    """How far past its limit the key must be for a breach, in the key's units: ``t·stderr`` for a
+    budget with ``confidence`` (t the one-sided quantile of Student's t with ``df`` degrees of
+    freedom; the normal one where ``df`` is not known), else 0. Where there is no finite error
+    (fewer than two probe rows) the plain comparison applies."""
+    if budget.confidence is None or stderr is None or not math.isfinite(stderr):
+        return 0.0
+    return t_quantile(budget.confidence, df) * stderr
+
+
+def _error(budget: BudgetConfig, metrics: Mapping[str, float]) -> tuple[float | None, float | None]:
+    """The standard error of a budget's key in a record, and its degrees of freedom."""
+    return metrics.get(stderr_key(budget.key)), degrees_of_freedom(budget.key, metrics)
+
+
+def check_limit(
+    budget: BudgetConfig, value: float, baseline: float, stderr: float | None = None, df: float | None = None
+) -> bool:
+    """True when ``value`` breaks the budget's limit (NaN/inf always do); with ``confidence``, when
+    it breaks it by more than :func:`margin` (``stderr``: the standard error of the key's change
+    since the baseline, ``stderr/<key>`` of the same record)."""
     if not math.isfinite(value):
         return True
     kind, limit = budget.limit
+    m = margin(budget, stderr, df)
     if kind == "max_drop":
-        return baseline - value > limit
+        return baseline - value - limit > m
     if kind == "max_relative_drop":
         if baseline == 0:
-            return value < 0
-        return (baseline - value) / abs(baseline) > limit
+            return value < -m
+        return (baseline - value - m) / abs(baseline) > limit
     if kind == "max_rise":
-        return value - baseline > limit
+        return value - baseline - limit > m
     if kind == "min_value":
-        return value < limit
-    return value > limit  # max_value
+        return limit - value > m
+    return value - limit > m  # max_value
 
 
 def in_budget(budgets: Iterable[BudgetConfig], metrics: Mapping[str, float], baseline: Mapping[str, float]) -> bool:
@@ -132,7 +153,7 @@ def in_budget(budgets: Iterable[BudgetConfig], metrics: Mapping[str, float], bas
     for b in budgets:
         if b.action.severity < Action.STOP.severity or b.key not in metrics:
             continue
-        if check_limit(b, metrics[b.key], baseline.get(b.key, math.nan)):
+        if check_limit(b, metrics[b.key], baseline.get(b.key, math.nan), *_error(b, metrics)):
             return False
     return True
 
@@ -178,17 +199,22 @@ def _fmt(v: float) -> str:
     return f"{v:.2f}" if math.isfinite(v) else str(v)
 
 
-def _message(budget: BudgetConfig, value: float, baseline: float, step: int, streak: int) -> str:
+def _message(
+    budget: BudgetConfig, value: float, baseline: float, step: int, streak: int, stderr: float | None = None
+) -> str:
     action_word = _ACTION_WORDS[budget.action]
     if not math.isfinite(value):
         return f"{budget.key} is {value} at step {step} (baseline {_fmt(baseline)}): {action_word}"
     verb = "fell to" if value < baseline else "rose to" if value > baseline else "is at"
     where = f"at step {step}" + (f" ({streak} probes in a row)" if streak > 1 else "")
     name = "" if budget.label == budget.key else f" [{budget.label}]"
-    return (
-        f"{budget.key}{name} {verb} {_fmt(value)} (baseline {_fmt(baseline)}, "
-        f"budget: {_describe_limit(budget)}) {where}: {action_word}"
-    )
+    shown = _fmt(value)
+    limit = _describe_limit(budget)
+    if budget.confidence is not None:
+        if stderr is not None and math.isfinite(stderr):
+            shown += f" ± {stderr:.2f}"
+        limit += f", at {budget.confidence:.0%} confidence"
+    return f"{budget.key}{name} {verb} {shown} (baseline {_fmt(baseline)}, budget: {limit}) {where}: {action_word}"
 
 
 def _evaluate_one(budget: BudgetConfig, snapshot: Snapshot, history: Sequence[Snapshot]) -> BudgetOutcome:
@@ -199,18 +225,19 @@ def _evaluate_one(budget: BudgetConfig, snapshot: Snapshot, history: Sequence[Sn
         return BudgetOutcome(budget.label, budget.key, math.nan, math.nan, False, Reason.NOT_MEASURED, None, "")
     value = snapshot.metrics[budget.key]
     baseline = base_snap.metrics.get(budget.key, math.nan)
+    se, df = _error(budget, snapshot.metrics)
 
     def outcome(in_breach: bool, reason: Reason, action: Action | None, streak: int = 1) -> BudgetOutcome:
-        msg = _message(budget, value, baseline, snapshot.step, streak) if action else ""
+        msg = _message(budget, value, baseline, snapshot.step, streak, se) if action else ""
         return BudgetOutcome(budget.label, budget.key, value, baseline, in_breach, reason, action, msg)
 
     if snapshot is base_snap or not history:
         return outcome(False, Reason.WITHIN_BUDGET, None)  # the baseline never triggers an action
     if snapshot.step < budget.min_step:
-        return outcome(check_limit(budget, value, baseline), Reason.BEFORE_MIN_STEP, None)
+        return outcome(check_limit(budget, value, baseline, se, df), Reason.BEFORE_MIN_STEP, None)
     if not math.isfinite(value):
         return outcome(True, Reason.NOT_FINITE, budget.action)
-    if not check_limit(budget, value, baseline):
+    if not check_limit(budget, value, baseline, se, df):
         return outcome(False, Reason.WITHIN_BUDGET, None)
     # Count the consecutive breaches ending here, over post-baseline snapshots past min_step.
     streak = 1
@@ -219,7 +246,7 @@ def _evaluate_one(budget: BudgetConfig, snapshot: Snapshot, history: Sequence[Sn
             break
         if budget.key not in past.metrics:
             continue  # not measured at that step: neither breaks nor extends the streak
-        if not check_limit(budget, past.metrics[budget.key], baseline):
+        if not check_limit(budget, past.metrics[budget.key], baseline, *_error(budget, past.metrics)):
             break
         streak += 1
     if streak >= budget.patience:

@@ -156,6 +156,13 @@ class BudgetConfig(_Frozen):
         patience: Consecutive probe steps in breach before the action fires.
         min_step: Breaches before this global step are ignored.
         action: ``log``, ``stop`` or ``rewind`` (what ``rewind`` does: the ``rewind`` section).
+        confidence: With a level such as 0.95, the limit must be exceeded at that confidence: the
+            breach test becomes one-sided on the key's paired standard error ``stderr/<key>``
+            (the excess over the limit must be more than ``z·stderr``, z = 1.645 at 0.95), so
+            probe noise alone fires it at most ``1 - confidence`` of the time. Only for keys that
+            have an error: ``nll``, ``delta_nll``, ``score``, ``retention*`` of a probe, the
+            ``target/`` keys, ``sp/plasticity``, and ``sp/stability`` as a mean. ``None``: the
+            plain comparison with the limit.
     """
 
     key: str
@@ -168,6 +175,7 @@ class BudgetConfig(_Frozen):
     patience: int = Field(default=1, ge=1)
     min_step: int = Field(default=0, ge=0)
     action: Action = Action.STOP
+    confidence: float | None = Field(default=None, gt=0.5, lt=1)
 
     @model_validator(mode="after")
     def _check(self) -> BudgetConfig:
@@ -181,6 +189,13 @@ class BudgetConfig(_Frozen):
             found = ", ".join(f"{k}={v}" for k, v in limits.items()) or "none"
             raise ValueError(
                 f"budget for {self.key!r}: set exactly one of {', '.join(_LIMIT_FIELDS)} (found: {found})"
+            )
+        if self.confidence is not None and not _ERROR_KEYS.match(self.key):
+            raise ValueError(
+                f"confidence: {self.key!r} has no standard error, so a confidence level cannot apply to it; "
+                "keys with one: nll/<probe>, delta_nll/<probe>, score/<probe>, retention/<probe>, "
+                "retention_nll/<probe>, retention_score/<probe>, target/nll, target/delta_nll, target/score, "
+                "sp/plasticity, sp/stability (stability: mean); or drop confidence for the plain comparison"
             )
         if self.action not in IMPLEMENTED_ACTIONS:
             raise ValueError(
@@ -203,6 +218,11 @@ class BudgetConfig(_Frozen):
         raise AssertionError("validated budgets always have one limit")  # pragma: no cover
 
 
+#: Keys with a paired standard error (``stderr/<key>``, :mod:`arena_callbacks.stats`).
+_ERROR_KEYS = re.compile(
+    r"^((nll|delta_nll|score|retention|retention_nll|retention_score)/[^/]+|target/(nll|delta_nll|score)"
+    r"|sp/(plasticity|stability))$"
+)
 _LIMIT_FIELDS = ("max_drop", "max_relative_drop", "max_rise", "min_value", "max_value")
 
 
@@ -383,6 +403,13 @@ class MonitorConfig(_Frozen):
         dupes = sorted({x for x in labels if labels.count(x) > 1})
         if dupes:
             raise ValueError(f"budgets: labels must be unique, repeated: {dupes}; give each a distinct 'name'")
+        for i, b in enumerate(self.budgets):
+            if b.confidence is not None and b.key == "sp/stability" and self.stability != "mean":
+                raise ValueError(
+                    f"budgets[{i}].confidence: sp/stability with stability={self.stability!r} has no standard "
+                    "error (a minimum over probes is not a smooth function of them); use stability: mean, a "
+                    "budget per retention/<probe> with confidence, or no confidence"
+                )
         return self
 
     @classmethod

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .advice import Advice, log_advice, sample_size_advice
 from .budget import Decision, check_budget_keys, check_limit, evaluate_budgets
 from .config import Action, MonitorConfig
 from .distributed import DistContext, current_context
@@ -241,6 +242,8 @@ class ForgettingEngine:
                 )
         snapshot = Snapshot(step, metrics, epoch, trigger="baseline")
         self._record(snapshot, None)
+        if self.ctx.is_main:
+            log_advice(self.sample_size_advice(), logger)
         if self.rewinder is not None:
             self.rewinder.keep_start(model, step)
             self.rewinder.offer(model, snapshot, snapshot.metrics)
@@ -347,6 +350,14 @@ class ForgettingEngine:
             logger.warning("arena-callbacks: could not save the probe rows to %s (%s); post-hoc rewinds will need "
                            "them again", self.layout.probes, e)
 
+    def sample_size_advice(self) -> list[Advice]:
+        """Rows each budget's probe needs to fire reliably, from the baseline (:mod:`arena_callbacks.advice`)."""
+        base = self.measurer.baseline_results
+        if not base or not self.history.snapshots:
+            return []
+        return sample_size_advice(self.config.budgets, base, self.measurer.probes,
+                                  self.history.snapshots[0].metrics)
+
     def summary(self) -> dict[str, Any]:
         """What ``summary.json`` holds (docs/outputs.md)."""
         first, last = self.history.snapshots[0], self.history.snapshots[-1]
@@ -362,6 +373,7 @@ class ForgettingEngine:
             "base_model": self.base_model_path,
             "rewinds": self.rewinds,
             "overhead": self.schedule.summary(),
+            "sample_size": [a.to_json() for a in self.sample_size_advice()],
             "config": self.config.model_dump(mode="json"),
         }
         op = operating_point(trajectory(current_records(self.history.snapshots)), self.config.operating_point)

@@ -10,6 +10,9 @@ Keys for each capability probe ``p``:
 
 Stability-plasticity: ``sp/stability`` (mean or min of ``retention/*``) and, with a target probe,
 ``target/nll``, ``target/delta_nll``, ``target/score`` and ``sp/plasticity``.
+
+Where the probe results keep their rows, ``stderr/<key>`` is the standard error of each of these
+keys' change since the baseline, from row-wise paired differences (:mod:`arena_callbacks.stats`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import stats
 from .probes import ProbeResult, ProbeSet
 from .sp import SP_KEYS
 
@@ -174,4 +178,52 @@ def build_snapshot(
                 m["sp/plasticity"] = t / t0 if t0 > 0 else math.nan
         else:
             m["sp/plasticity"] = t - t0
+    m.update(standard_errors(m, results, baseline, probes, stability=stability, plasticity=plasticity))
     return m
+
+
+def standard_errors(
+    m: Mapping[str, float],
+    results: Mapping[str, ProbeResult],
+    baseline: Mapping[str, ProbeResult],
+    probes: Mapping[str, ProbeSet],
+    *,
+    stability: str = "mean",
+    plasticity: str = "difference",
+) -> dict[str, float]:
+    """``stderr/<key>`` for the keys of :func:`build_snapshot` (``m``), where both the results and
+    the baseline kept their rows (see :mod:`arena_callbacks.stats`)."""
+    se: dict[str, float] = {}
+    parts: dict[str, float] = {}
+    for name, r in results.items():
+        b = baseline.get(name)
+        if b is None or not r.rows or len(r.rows) != len(b.rows):
+            continue
+        d_nll = stats.nll_change_se(r.rows, b.rows)
+        se[stats.rows_key(name)[len(stats.STDERR_PREFIX):]] = float(len(r.rows))
+        if name == TARGET:
+            se["target/nll"] = se["target/delta_nll"] = d_nll
+            if r.score is not None:
+                se["target/score"] = stats.score_change_se(r.rows, b.rows)
+            if "sp/plasticity" in m:
+                if r.score is None:  # difference: -ΔNLL; ratio: exp(-ΔNLL)
+                    factor = m["sp/plasticity"] if plasticity == "ratio" else 1.0
+                    se["sp/plasticity"] = abs(factor) * d_nll
+                elif plasticity == "ratio":
+                    se["sp/plasticity"] = stats.ratio_se(r.rows, b.rows)
+                else:
+                    se["sp/plasticity"] = se["target/score"]
+            continue
+        se[f"nll/{name}"] = se[f"delta_nll/{name}"] = d_nll
+        se[f"retention_nll/{name}"] = m[f"retention_nll/{name}"] * d_nll
+        ret_se = se[f"retention_nll/{name}"]
+        if r.score is not None:
+            se[f"score/{name}"] = stats.score_change_se(r.rows, b.rows)
+            se[f"retention_score/{name}"] = stats.ratio_se(r.rows, b.rows)
+            if probes[name].signal == "score" and b.score is not None and b.score > 0:
+                ret_se = se[f"retention_score/{name}"]  # the signal build_snapshot chose
+        se[f"retention/{name}"] = parts[name] = ret_se
+    capabilities = [n for n in results if n != TARGET]
+    if stability == "mean" and capabilities and set(parts) == set(capabilities):
+        se["sp/stability"] = stats.mean_se(parts)
+    return {stats.stderr_key(k): v for k, v in se.items() if k in m or k.startswith("rows/")}

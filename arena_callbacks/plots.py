@@ -209,7 +209,10 @@ def plot_retention(run: Run, path: str | Path) -> dict[str, Any]:
     0.5``, ``rewind 1 → step 5``; ``, then stop`` when training stopped there), distinct from
     the black dotted line of a plain ``stop``, which is drawn only where no rewind stopped.
 
-    Returns ``{"steps", "retention": {key: values}, "delta_nll": {key: values},
+    Error bars are ±1.96 standard errors (``stderr/<key>``, the paired errors of
+    :mod:`arena_callbacks.stats`: 95% two-sided), where the history has them.
+
+    Returns ``{"steps", "retention": {key: values}, "delta_nll": {key: values}, "stderr": {key: values},
     "budgets": [{"label", "key", "kind", "limit", "baseline", "threshold"}], "stop_step",
     "rewinds": [{"step", "index", "number", "mode", "alpha", "restored_step", "then", "label"}]}``,
     where ``index`` is the position of the loaded state's record in ``steps`` and the series
@@ -220,8 +223,10 @@ def plot_retention(run: Run, path: str | Path) -> dict[str, Any]:
     lines = _budget_lines(run)
     nll_keys = {ln["key"] for ln in lines if ln["key"].startswith("delta_nll/")}
     delta = {k: v for k, v in _series(run.snapshots, "delta_nll/").items() if k in nll_keys}
-    data = {"steps": steps, "retention": retention, "delta_nll": delta, "budgets": lines, "stop_step": run.stop_step,
-            "rewinds": _rewind_marks(run.snapshots)}
+    errors = {k[len("stderr/"):]: v for k, v in _series(run.snapshots, "stderr/").items()
+              if k[len("stderr/"):] in retention or k[len("stderr/"):] in delta}
+    data = {"steps": steps, "retention": retention, "delta_nll": delta, "stderr": errors, "budgets": lines,
+            "stop_step": run.stop_step, "rewinds": _rewind_marks(run.snapshots)}
     save_figure(_retention_figure(run.name, data), Path(path))
     return data
 
@@ -289,7 +294,12 @@ def _draw_panel(
     """One panel's series (loaded points circled), its budgets' thresholds, the rewinds and a plain stop."""
     steps, rewinds = data["steps"], data["rewinds"]
     for k, v in ser.items():
-        ax.plot(steps, v, "-o", ms=3, label=k)
+        se = data.get("stderr", {}).get(k)
+        if se is not None and any(math.isfinite(e) and e > 0 for e in se):
+            ax.errorbar(steps, v, yerr=[1.96 * e if math.isfinite(e) else 0.0 for e in se], fmt="-o", ms=3,
+                        capsize=2, elinewidth=0.8, label=f"{k} (±1.96 se)")
+        else:
+            ax.plot(steps, v, "-o", ms=3, label=k)
         for r in rewinds:
             ax.plot([r["step"]], [v[r["index"]]], "o", ms=8, mfc="none", mec="tab:red", mew=1.5)
     for ln in data["budgets"]:

@@ -69,6 +69,13 @@ def format_value(v: float | None, digits: int = 4) -> str:
     return s[1:] if s.startswith("-") and float(s) == 0 else s  # no "-0.0000"
 
 
+def _cell(snap: Snapshot, key: str) -> str:
+    """A table cell: the value, with ``± stderr`` where the record has a positive one."""
+    text = format_value(snap.metrics.get(key))
+    se = snap.metrics.get(f"stderr/{key}")
+    return f"{text} ± {format_value(se)}" if se is not None and math.isfinite(se) and se > 0 else text
+
+
 # --------------------------------------------------------------------------- report
 def recommend_checkpoint(run: Run, step: int) -> Path | None:
     """The saved ``checkpoint-<n>`` with the largest ``n <= step``, if any."""
@@ -251,11 +258,14 @@ def _metrics_table(run: Run, best: Snapshot | None, rewinds: list[dict[str, Any]
         sep += "---:|"
     md = [head, sep]
     for k in keys:
-        row = f"| `{k}` | {format_value(base.metrics.get(k))} | {format_value(final.metrics.get(k))} |"
+        row = f"| `{k}` | {_cell(base, k)} | {_cell(final, k)} |"
         if best is not None:
-            row += f" {format_value(best.metrics.get(k))} |"
+            row += f" {_cell(best, k)} |"
         md.append(row)
     md.append("")
+    if any(k.startswith("stderr/") for k in final.metrics):
+        md += ["± is one standard error of the change since the baseline, from the same rows scored at both "
+               "steps (paired; `stderr/<key>` in the history).", ""]
     for r in rewinds:
         loaded, i = snaps[r["index"]], r["index"] - 1
         breach = f" ({_sp_text(snaps[i])})" if i in gone and _sp_text(snaps[i]) else ""

@@ -140,6 +140,10 @@ def assert_results_close(got: dict, want: dict, rel: float) -> None:
         assert [g[f] for f in fields] == [w[f] for f in fields], name
         assert g["score"] == w["score"], name  # counts over the same rows: exact
         assert g["nll"] == pytest.approx(w["nll"], rel=rel), name
+        # Every row's (NLL, tokens, correct), gathered from both ranks: the paired errors' input.
+        assert len(g["rows"]) == len(w["rows"]) == w["examples"], name
+        for got_row, want_row in zip(g["rows"], w["rows"]):
+            assert list(got_row) == pytest.approx(list(want_row), rel=rel, abs=1e-9), name
 
 
 def test_both_ranks_ran_in_one_process_group_of_two(probe_ranks):

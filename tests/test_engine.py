@@ -81,7 +81,10 @@ def test_schedule_state_round_trip():
 def test_monitor_state_round_trips_through_json_and_a_file(tmp_path):
     state = MonitorState(
         baseline_results={
-            "general": ProbeResult(name="general", kind="text", nll=3.25, score=None, examples=12, tokens=120)
+            "general": ProbeResult(name="general", kind="text", nll=3.25, score=None, examples=12, tokens=120),
+            # with its rows, which the paired standard errors of a resumed run need
+            "facts": ProbeResult(name="facts", kind="multiple_choice", nll=1.5, score=0.5, examples=2, tokens=3,
+                                 rows=((1.25, 1.0, 1.0), (3.25, 2.0, 0.0))),
         },
         history=[{"step": 0, "epoch": 0.0, "trigger": "baseline", "metrics": {"nll/general": 3.25}}],
         config=MonitorConfig().model_dump(mode="json"),
@@ -94,7 +97,7 @@ def test_monitor_state_round_trips_through_json_and_a_file(tmp_path):
     )
     back = MonitorState.from_json(json.loads(json.dumps(state.to_json(), allow_nan=False)))
     assert back.best["metrics"]["delta_nll/general"] == math.inf  # non-finite values survive as strings
-    assert back == state
+    assert back == state and back.baseline_results["facts"].rows == ((1.25, 1.0, 1.0), (3.25, 2.0, 0.0))
     state.write(tmp_path)
     assert MonitorState.read(tmp_path) == state
     assert not (tmp_path / "arena_state.json.tmp").exists()

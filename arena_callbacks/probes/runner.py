@@ -19,7 +19,7 @@ from ..distributed import DistContext
 from .data import ProbeSet
 from .forward import Forwarder, Head, model_device, precision_context, without_mixed_precision_wrapper
 from .plan import Batch, BatchObserver, PlanOptions, pad_plan, plan_batches
-from .scoring import ProbeResult, ProbeSums, Scores, local_sums, probe_result
+from .scoring import ProbeResult, ProbeSums, Scores, probe_result, row_values, sums_of
 from .tokenize import Seq, tokenize_probe
 
 
@@ -217,23 +217,33 @@ class ProbeRunner:
         # One extra row carries "this rank failed" so that a fault on one rank is known to all
         # after the single collective below, instead of leaving the others waiting.
         sums = torch.zeros(len(names) + 1, len(ProbeSums._fields), dtype=torch.float64)
+        # Every row's (NLL, tokens, correct), in float64, zero where another rank scored it: the
+        # same collective gathers them (each row is scored on one rank), for the paired errors.
+        sizes = [len(self.probes[n].rows) for n in names]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        rows = torch.zeros(sum(sizes), 3, dtype=torch.float64)
         per_seq = scores.results()
         if error is None and not forward_only:
             self.last_scores = {(names[p], ex, ch): v.logprob for (p, ex, ch), v in per_seq.items()}
             try:
                 for p_idx, name in enumerate(names):
+                    values = row_values(self.probes[name], p_idx, per_seq)
                     # (torch.tensor of Python floats is float32: the local sums are rounded to it.)
-                    sums[p_idx] = torch.tensor(list(local_sums(self.probes[name], p_idx, per_seq)))
+                    sums[p_idx] = torch.tensor(list(sums_of(values)))
+                    for ex, value in values.items():
+                        rows[starts[p_idx] + ex] = torch.tensor(value, dtype=torch.float64)
             except Exception as e:  # noqa: BLE001 - reported on every rank
                 error = e
         if error is not None:
             sums[-1, 0] = 1.0
-        total = ctx.all_reduce_sum(sums)
+        flat = ctx.all_reduce_sum(torch.cat([sums.flatten(), rows.flatten()]))
+        total, rows = flat[: sums.numel()].view_as(sums), flat[sums.numel():].view_as(rows)
         if total[-1, 0] > 0:
             where = f"{error!r}" if error is not None else "another rank failed"
             raise ProbeFailure(f"probe pass failed on {int(total[-1, 0])} rank(s): {where}") from error
         return {
-            name: probe_result(name, self.probes[name].kind, ProbeSums(*total[p_idx].tolist()))
+            name: probe_result(name, self.probes[name].kind, ProbeSums(*total[p_idx].tolist()),
+                               tuple(map(tuple, rows[starts[p_idx]: starts[p_idx] + sizes[p_idx]].tolist())))
             for p_idx, name in enumerate(names)
             if not (forward_only or (only is not None and name not in only))
         }

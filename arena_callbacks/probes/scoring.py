@@ -83,6 +83,9 @@ class ProbeResult:
         score: Accuracy or exact match in [0, 1]; ``None`` for text probes.
         examples: Rows scored.
         tokens: Tokens the NLL averages over.
+        rows: Per row of the probe, in row order: ``(summed NLL, scored tokens, correct)``
+            (gathered from every rank), for the paired standard errors of :mod:`arena_callbacks.stats`;
+            empty where not kept.
     """
 
     name: str
@@ -91,33 +94,50 @@ class ProbeResult:
     score: float | None
     examples: int
     tokens: int
+    rows: tuple[tuple[float, float, float], ...] = ()
+
+    def __post_init__(self) -> None:  # rows read back from JSON are lists
+        object.__setattr__(self, "rows", tuple(tuple(float(x) for x in r) for r in self.rows))
 
 
-def local_sums(probe: ProbeSet, p_idx: int, per_seq: Mapping[Key, SeqScore]) -> ProbeSums:
-    """This rank's sums for probe ``p_idx``, over the rows it scored (in row order)."""
+def row_values(probe: ProbeSet, p_idx: int, per_seq: Mapping[Key, SeqScore]) -> dict[int, tuple[float, int, float]]:
+    """``(summed NLL, scored tokens, correct)`` of every row of probe ``p_idx`` this rank scored."""
     kind = probe.kind
-    nll_sum = tokens = correct = examples = 0.0
-    mine = sorted({ex for (p, ex, _) in per_seq if p == p_idx})
-    for ex in mine:
+    out: dict[int, tuple[float, int, float]] = {}
+    for ex in sorted({ex for (p, ex, _) in per_seq if p == p_idx}):
         if kind == "text":
             seq = per_seq[(p_idx, ex, 0)]
-            nll_sum, tokens = nll_sum + seq.nll, tokens + seq.tokens
+            out[ex] = (seq.nll, seq.tokens, 0.0)
         elif kind == "completion":
             seq = per_seq[(p_idx, ex, 0)]
-            nll_sum, tokens, correct = nll_sum + seq.nll, tokens + seq.tokens, correct + float(seq.greedy)
+            out[ex] = (seq.nll, seq.tokens, float(seq.greedy))
         else:
             row = probe.rows[ex]
             _, answer = first_field(row, ANSWER_FIELDS)
             logprobs = [per_seq[(p_idx, ex, j)].logprob for j in range(len(row["choices"]))]
             pred = max(range(len(logprobs)), key=lambda j: (logprobs[j], -j))  # ties: first choice
             seq = per_seq[(p_idx, ex, answer)]
-            nll_sum, tokens, correct = nll_sum + seq.nll, tokens + seq.tokens, correct + float(pred == answer)
-        examples += 1
+            out[ex] = (seq.nll, seq.tokens, float(pred == answer))
+    return out
+
+
+def sums_of(values: Mapping[int, tuple[float, int, float]]) -> ProbeSums:
+    """The sums of :func:`row_values`, in row order."""
+    nll_sum = tokens = correct = examples = 0.0
+    for nll, n, c in values.values():
+        nll_sum, tokens, correct, examples = nll_sum + nll, tokens + n, correct + c, examples + 1
     return ProbeSums(nll_sum, tokens, correct, examples)
 
 
-def probe_result(name: str, kind: str, sums: ProbeSums) -> ProbeResult:
-    """A probe's result from its sums over all ranks."""
+def local_sums(probe: ProbeSet, p_idx: int, per_seq: Mapping[Key, SeqScore]) -> ProbeSums:
+    """This rank's sums for probe ``p_idx``, over the rows it scored (in row order)."""
+    return sums_of(row_values(probe, p_idx, per_seq))
+
+
+def probe_result(
+    name: str, kind: str, sums: ProbeSums, rows: tuple[tuple[float, float, float], ...] = ()
+) -> ProbeResult:
+    """A probe's result from its sums over all ranks (and its rows, when gathered)."""
     return ProbeResult(
         name=name,
         kind=kind,
@@ -125,4 +145,5 @@ def probe_result(name: str, kind: str, sums: ProbeSums) -> ProbeResult:
         score=None if kind == "text" else (sums.correct / sums.examples if sums.examples else math.nan),
         examples=int(sums.examples),
         tokens=int(sums.tokens),
+        rows=rows,
     )
