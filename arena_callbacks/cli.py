@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--alphas", nargs="+", type=float, help="interior α values on the path (default: the run's "
                    "rewind.alphas)")
     w.add_argument("--layerwise", action="store_true", help="scale layers separately: α_l = α + (1 − α)·depth")
+    w.add_argument("--refine", type=int, default=None, help="extra probe passes refining α around the choice "
+                   "(default: the run's rewind.refine; 0: the grid only)")
     w.add_argument("--device", default="cpu", help="where the probes run (default: cpu)")
     x = sub.add_parser(
         "run",
@@ -94,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .posthoc import rewind_run
 
             path = rewind_run(args.run_dir, args.out, base_model=args.base_model, alphas=args.alphas,
-                              layerwise=args.layerwise, device=args.device) / "rewind.md"
+                              layerwise=args.layerwise, refine=args.refine, device=args.device) / "rewind.md"
         elif args.command == "report":
             from .report import write_report
 

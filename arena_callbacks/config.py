@@ -319,6 +319,10 @@ class RewindConfig(_Frozen):
         lr_factor: Learning-rate multiplier applied at each continued rewind.
         alphas: Interior ``α`` values probed by ``path``/``layerwise``, each strictly between 0
             and 1 (``0`` and ``1`` are known already: the baseline and the current point).
+        refine: Extra probe passes spent refining ``α`` after the grid: each probes the midpoint
+            of the wider interval next to the chosen ``α`` (so a choice at the grid's edge, or
+            between very different neighbours, is looked at more closely), and the rule chooses
+            again among all points. ``0``: the grid only. Each pass costs one probe pass.
         storage: Where the best in-budget state is kept: ``memory`` (CPU), ``disk`` (the monitor's
             own folder, out of reach of ``save_total_limit``), or ``auto``: memory up to
             ``max_memory_mb``, else disk.
@@ -330,6 +334,7 @@ class RewindConfig(_Frozen):
     max_rewinds: int = Field(default=2, ge=1)
     lr_factor: float = Field(default=0.5, gt=0, le=1)
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75)
+    refine: int = Field(default=2, ge=0, le=10)
     storage: Literal["auto", "memory", "disk"] = "auto"
     max_memory_mb: float = Field(default=1024.0, ge=0)
 

@@ -32,7 +32,7 @@ from .exceptions import ArenaError
 from .layout import PROBES_FILE
 from .measurements import build_snapshot
 from .probes import Probe, ProbeRunner, ProbeSet
-from .rewind import alphas_for, interpolate, path_rules
+from .rewind import alphas_for, interpolate, next_alpha, path_rules
 from .runs import ADAPTER_FILES, Run, has_weights, load_run
 from .sp import choose
 
@@ -125,6 +125,7 @@ def rewind_run(
     base_model: str | Path | None = None,
     alphas: Sequence[float] | None = None,
     layerwise: bool = False,
+    refine: int | None = None,
     device: str = "cpu",
 ) -> Path:
     """Rewind a saved run to its operating point; returns the output folder.
@@ -136,6 +137,8 @@ def rewind_run(
             or the run's ``summary.json``).
         alphas: Interior points of the path probed (default: the run's ``rewind.alphas``).
         layerwise: Scale layers separately, ``α_l = α + (1 − α)·depth``.
+        refine: Extra probe passes refining ``α`` around a choice on the path (default: the
+            run's ``rewind.refine``; see :func:`arena_callbacks.rewind.next_alpha`).
         device: Where the probes run.
 
     Raises:
@@ -165,6 +168,18 @@ def rewind_run(
     candidates += on_path
     kept.update(kept_on_path)
     chosen = _choose(run, candidates, base_metrics)
+    for _ in range(run.config.rewind.refine if refine is None else refine):
+        # Look closer around a choice on the path (the pretrained model, a point, or its end).
+        ends = {"pretrained": 0.0, "path": chosen.alpha}
+        at = 1.0 if chosen is saved[-1] else ends.get(chosen.source)
+        a = None if at is None or weights.theta0 is None else next_alpha(
+            [0.0, 1.0, *(c.alpha for c in candidates if c.source == "path")], at)
+        if a is None:
+            break
+        more, kept_more = _probe_path(run, weights, prober, saved[-1], [a], layerwise)
+        candidates += more
+        kept.update(kept_more)
+        chosen = _choose(run, candidates, base_metrics)
 
     out_dir = Path(out) if out is not None else (run.output_dir or run.path) / "rewound"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -325,6 +340,7 @@ def _choose(run: Run, candidates: list[Candidate], base_metrics: dict[str, float
     """Mark each candidate in or out of the run's budgets; pick and mark the operating point among those in."""
     for c in candidates:
         c.in_budget = c.source == "pretrained" or in_budget(run.config.budgets, c.metrics, base_metrics)
+        c.chosen = False
     ok = [c for c in candidates if c.in_budget]
     # No target probe: the last in-budget candidate.
     chosen = ok[choose([c.metrics for c in ok], run.config.operating_point)]

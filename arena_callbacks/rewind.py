@@ -57,6 +57,7 @@ __all__ = [
     "layerwise_alphas",
     "load_state",
     "load_state_file",
+    "next_alpha",
     "path_rules",
     "save_state_file",
     "state_bytes",
@@ -251,3 +252,25 @@ class Slot:
 
     def restore(self, path: Path, step: int) -> None:
         self.put(load_state_file(path), step)
+
+
+def next_alpha(alphas: Sequence[float], chosen: float, min_gap: float = 1 / 64) -> float | None:
+    """Where to probe next when refining a path rewind: the midpoint of the wider of the two
+    intervals next to ``chosen`` among the ``alphas`` probed so far (0 and 1 included); ``None``
+    when both are narrower than ``min_gap``. Pure, so every rank picks the same point.
+
+    Example:
+        >>> next_alpha([0.0, 0.25, 0.5, 0.75, 1.0], 0.25)  # at the grid's edge: look below it
+        0.125
+    """
+    points = sorted(set(alphas))
+    i = points.index(chosen)
+    gaps = []
+    if i > 0:
+        gaps.append((chosen - points[i - 1], (chosen + points[i - 1]) / 2))
+    if i + 1 < len(points):
+        gaps.append((points[i + 1] - chosen, (chosen + points[i + 1]) / 2))
+    if not gaps:
+        return None
+    width, mid = max(gaps, key=lambda g: g[0])  # equal widths: the lower side (closer to the pretrained model)
+    return mid if width >= min_gap else None

@@ -31,6 +31,7 @@ from .rewind import (
     interpolate,
     is_finite_state,
     load_state,
+    next_alpha,
     path_rules,
     trainable_parameters,
 )
@@ -169,7 +170,8 @@ class Rewinder:
 
         Candidates, in path order: the pretrained model (uniform ``α = 0``, its metrics are the
         baseline's), each configured ``α`` (layer-wise also ``α = 0``: shallow layers fully back,
-        the last block kept), and the current model (``α = 1``, the breach's metrics).
+        the last block kept), and the current model (``α = 1``, the breach's metrics); then up to
+        ``rewind.refine`` midpoints next to the chosen ``α`` (:func:`~arena_callbacks.rewind.next_alpha`).
         """
         assert self.theta0 is not None
         theta0 = self.theta0.get()
@@ -183,10 +185,22 @@ class Rewinder:
             measured.append((a, layerwise, measure(f"arena rewind α={a:g}")))
         measured.append((1.0, False, dict(breach.metrics)))
         budgets = self.config.budgets
-        ok_flags = [i == 0 or in_budget(budgets, m, baseline) for i, (_, _, m) in enumerate(measured)]
-        ok = [c for c, flag in zip(measured, ok_flags) if flag]
-        # No plasticity measured: the furthest point along the path that is still in budget.
-        alpha, lw, metrics = ok[choose([m for _, _, m in ok], self.config.operating_point)]
+
+        def pick() -> tuple[list[bool], tuple[float, bool, dict[str, float]]]:
+            measured.sort(key=lambda c: c[0])  # path order (stable: α = 0 uniform before layer-wise)
+            flags = [(a == 0.0 and not w) or in_budget(budgets, m, baseline) for a, w, m in measured]
+            ok = [c for c, flag in zip(measured, flags) if flag]
+            # No plasticity measured: the furthest point along the path that is still in budget.
+            return flags, ok[choose([m for _, _, m in ok], self.config.operating_point)]
+
+        ok_flags, (alpha, lw, metrics) = pick()
+        for _ in range(self.config.rewind.refine):  # look closer around the choice (docs/budgets.md)
+            a = next_alpha([c[0] for c in measured], alpha)
+            if a is None:
+                break
+            load_state(model, interpolate(theta0, theta1, alphas_for(names, a, layerwise), rules))
+            measured.append((a, layerwise, measure(f"arena rewind α={a:g} (refining)")))
+            ok_flags, (alpha, lw, metrics) = pick()
         load_state(model, interpolate(theta0, theta1, alphas_for(names, alpha, lw), rules))
         candidates = [
             {"alpha": a, "layerwise": w, "plasticity": m.get("sp/plasticity"), "stability": m.get("sp/stability"),

@@ -26,7 +26,8 @@ VPY="$VENV_DIR/bin/python"
 STAMP="$VENV_DIR/.arena-callbacks-integration"
 
 say() { printf 'integration_env[%s]: %s\n' "$TOOL" "$*"; }
-WANT="$(cat pyproject.toml "$0" "$SPEC_DIR"/requirements*.txt "$SPEC_DIR"/post_install.py 2>/dev/null | sha256sum | cut -d' ' -f1)"
+WANT="$( { cat pyproject.toml "$0" "$SPEC_DIR"/requirements*.txt "$SPEC_DIR"/post_install.py 2>/dev/null || true; } \
+  | sha256sum | cut -d' ' -f1)"  # (cat fails on the optional files that are absent)
 if [[ "${FORCE:-0}" != 1 && -x "$VPY" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
   say "up to date ($VENV_DIR)"
   exit 0

@@ -18,7 +18,7 @@ from arena_callbacks.history import History, read_history
 from arena_callbacks.layout import CheckpointFiles, RunLayout
 from arena_callbacks.measurements import Snapshot
 from arena_callbacks.probes import ProbeResult
-from arena_callbacks.rewind import capture_state
+from arena_callbacks.rewind import capture_state, interpolate, next_alpha, path_rules
 from arena_callbacks.rewinder import Rewinder
 from arena_callbacks.schedule import ProbeSchedule
 from arena_callbacks.sinks import HistorySink, LogSink
@@ -181,6 +181,56 @@ def test_rewinder_restores_the_best_state_and_continues_with_a_lower_rate(tmp_pa
     other.restore(tmp_path, json.loads(json.dumps(rewinder.state_dict())))
     assert other.best.step == 0 and other.rewinds == [info]
     assert all(torch.equal(other.best.get()[k], kept[k]) for k in kept)
+
+
+@pytest.mark.parametrize(("refine", "alpha", "probed"), [(0, 0.0, [0.25, 0.5, 0.75]),
+                                                        (3, 0.1875, [0.25, 0.5, 0.75, 0.125, 0.0625, 0.1875])])
+def test_a_path_rewind_refines_alpha_below_the_grid(tmp_path, refine, alpha, probed):
+    """S(α) = 1 − α/2 with a budget S ≥ 0.9 and P(α) = α: every grid point is out of budget, the
+    best point lies at α = 0.2. The grid alone falls back to the pretrained model; refining probes
+    the midpoints next to each choice and gets to α = 0.1875, loaded exactly."""
+    cfg = MonitorConfig.model_validate({
+        "budgets": [{"key": "retention/general", "max_drop": 0.1, "action": "rewind"}],
+        "rewind": {"mode": "path", "refine": refine},
+    })
+    model = pretrained_model()
+    rewinder = Rewinder(cfg, DistContext(), tmp_path)
+    rewinder.setup(model)
+    rewinder.keep_start(model, 0)
+    theta0 = capture_state(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.linspace(-1, 1, p.numel()).view_as(p))
+    theta1 = capture_state(model)
+    name = next(iter(theta0))
+    direction = theta1[name] - theta0[name]
+
+    def metrics(a: float) -> dict[str, float]:
+        return {"retention/general": 1 - a / 2, "sp/stability": 1 - a / 2, "sp/plasticity": a}
+
+    seen = []
+
+    def measure(desc: str) -> dict[str, float]:  # reads α off the weights the rewinder loaded
+        now = capture_state(model)[name]
+        a = float(((now - theta0[name]) * direction).sum() / (direction * direction).sum())
+        seen.append(round(a, 6))
+        return metrics(a)
+
+    base = metrics(0.0)
+    info, got = rewinder.rewind(model, 9, Decision(step=9), Snapshot(9, metrics(1.0)), base, measure)
+    assert seen == probed and info["alpha"] == alpha and got == pytest.approx(metrics(alpha), abs=1e-6)
+    assert [c["alpha"] for c in info["candidates"]] == sorted([0.0, 1.0, *probed])
+    assert [c["alpha"] for c in info["candidates"] if c["chosen"]] == [alpha]
+    now, want = capture_state(model), interpolate(theta0, theta1, alpha, path_rules(theta0))
+    assert all(torch.equal(now[k], want[k]) for k in want)
+
+
+def test_next_alpha_splits_the_wider_side_of_the_choice():
+    assert next_alpha([0.0, 0.25, 0.5, 0.75, 1.0], 0.25) == 0.125  # equal sides: towards the pretrained model
+    assert next_alpha([0.0, 0.125, 0.25, 0.5, 1.0], 0.5) == 0.75
+    assert next_alpha([0.0, 0.25, 1.0], 0.0) == 0.125 and next_alpha([0.0, 0.25, 1.0], 1.0) == 0.625
+    assert next_alpha([0.0, 0.01, 0.02], 0.01, min_gap=0.05) is None
+    assert next_alpha([0.5], 0.5) is None
 
 
 # ------------------------------------------------------------------ the engine in a plain loop

@@ -74,7 +74,7 @@ def test_posthoc_rewind_of_a_lora_run(tokenizer, lora_run):
     from peft import PeftModel
 
     out, base_dir, monitor = lora_run
-    assert main(["rewind", str(out), "--alphas", "0.3", "0.6"]) == 0
+    assert main(["rewind", str(out), "--alphas", "0.3", "0.6", "--refine", "0"]) == 0
     rew = out / "rewound"
     result = json.loads((rew / "rewind.json").read_text())
     labels = [c["label"] for c in result["candidates"]]
@@ -120,6 +120,10 @@ def test_posthoc_rewind_of_a_full_finetune(tokenizer, full_run, tmp_path):
     rew = rewind_run(out, tmp_path / "rewound", base_model=base_dir, alphas=[0.5])
     result = json.loads((rew / "rewind.json").read_text())
     chosen = check_choice(result)
+    # The run's rewind.refine (2) probes up to two midpoints next to a choice on the path.
+    path = [c["alpha"] for c in result["candidates"] if c["source"] == "path"]
+    assert path[0] == 0.5 and len(set(path)) == len(path) <= 3
+    assert all(a * 8 == int(a * 8) for a in path[1:])  # midpoints of 0, 0.5, 1: quarters, then eighths
     loaded = AutoModelForCausalLM.from_pretrained(rew, dtype=torch.float32).eval()
     m = probe_metrics(monitor, loaded, tokenizer)
     assert m["sp/stability"] == pytest.approx(chosen["stability"], abs=1e-6)

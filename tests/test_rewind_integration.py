@@ -129,7 +129,7 @@ def test_checkpoint_rewind_restores_the_exact_best_state_and_stops(tokenizer, tm
 def test_path_rewind_applies_the_chosen_alpha_exactly(tokenizer, tmp_path):
     model = lora_model()
     theta0 = capture_state(model)
-    monitor = ForgettingMonitor(config({"mode": "path", "then": "stop", "alphas": [0.25, 0.5, 0.75]}),
+    monitor = ForgettingMonitor(config({"mode": "path", "then": "stop", "alphas": [0.25, 0.5, 0.75], "refine": 0}),
                                 probes={"general": GENERAL}, target=TARGET)
     rec = WeightRecorder()
     trainer = make_trainer(tokenizer, tmp_path, monitor, model=model, lr=5e-2, after=[rec])
