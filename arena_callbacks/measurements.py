@@ -226,4 +226,5 @@ def standard_errors(
     capabilities = [n for n in results if n != TARGET]
     if stability == "mean" and capabilities and set(parts) == set(capabilities):
         se["sp/stability"] = stats.mean_se(parts)
-    return {stats.stderr_key(k): v for k, v in se.items() if k in m or k.startswith("rows/")}
+    # No key where no error can be estimated (fewer than two rows): a budget then compares plainly.
+    return {stats.stderr_key(k): v for k, v in se.items() if (k in m or k.startswith("rows/")) and math.isfinite(v)}

@@ -18,7 +18,8 @@ error of the key itself):
 * ``sp/stability`` as a mean over K probes (disjoint rows, taken as independent):
   ``sqrt(Σ se_k²) / K``. As a minimum it has no standard error and none is written.
 
-With fewer than two rows the error is NaN. At the baseline every error is 0.
+With fewer than two rows the functions here return NaN and the snapshot has no ``stderr/`` key
+for that probe's keys. At the baseline every error is 0.
 ``stderr/rows/<probe>`` holds the number of rows behind a probe's errors: a test on an error
 estimated from ``n`` rows uses Student's t with ``n - 1`` degrees of freedom, not the normal
 quantile (at 24 rows and 95%, 1.714 instead of 1.645: with the normal one, noise alone would

@@ -142,3 +142,7 @@ def test_probe_rows_and_snapshot_errors_match_a_float64_reference(tokenizer):
     at_baseline = build_snapshot(base, base, r.probes)
     assert at_baseline["stderr/delta_nll/general"] == 0.0
     assert "stderr/sp/stability" not in build_snapshot(now, base, r.probes, stability="min")
+    # One row: no error can be estimated, so no key (a confidence budget compares plainly).
+    one = runner(tokenizer, general=text[:1])
+    m1 = build_snapshot(one.run(model), one.run(make_model(vocab_size=len(tokenizer))), one.probes)
+    assert "delta_nll/general" in m1 and not any(k.startswith("stderr/") and "rows" not in k for k in m1)
