@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .config import BudgetConfig
+from .measurements import score_signal
 from .probes import ProbeResult, ProbeSet
 from .stats import POWER, rows_needed, spread
 
@@ -60,8 +61,7 @@ def _family(key: str, probe: ProbeSet, base: ProbeResult) -> str | None:
     if head == "retention_score":
         return "retention_score"
     if head == "retention":
-        scored = probe.signal == "score" and base.score is not None and base.score > 0
-        return "retention_score" if scored else "nll"
+        return "retention_score" if score_signal(probe, base) else "nll"
     return None
 
 

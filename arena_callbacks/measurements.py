@@ -103,6 +103,12 @@ def _json_float(v: float) -> float | str:
     return v if math.isfinite(v) else str(v)
 
 
+def score_signal(probe: ProbeSet, base: ProbeResult) -> bool:
+    """Does ``retention/<probe>`` follow the score (``signal: score`` and a positive baseline score)?
+    Else it follows the NLL. The one rule for the value, its error and the sample-size advice."""
+    return probe.signal == "score" and base.score is not None and base.score > 0
+
+
 def _target_value(r: ProbeResult) -> float:
     """What 'higher is better' means for a target: score if scored, else -NLL."""
     return r.score if r.score is not None else -r.nll
@@ -154,7 +160,7 @@ def build_snapshot(
             m[f"score/{name}"] = r.score
             if b.score is not None and b.score > 0:
                 m[f"retention_score/{name}"] = r.score / b.score
-                if probes[name].signal == "score":
+                if score_signal(probes[name], b):
                     ret = m[f"retention_score/{name}"]
             else:
                 # Undefined ratio: fall back to NLL retention rather than invent a number.
@@ -220,7 +226,7 @@ def standard_errors(
         if r.score is not None:
             se[f"score/{name}"] = stats.score_change_se(r.rows, b.rows)
             se[f"retention_score/{name}"] = stats.ratio_se(r.rows, b.rows)
-            if probes[name].signal == "score" and b.score is not None and b.score > 0:
+            if score_signal(probes[name], b):
                 ret_se = se[f"retention_score/{name}"]  # the signal build_snapshot chose
         se[f"retention/{name}"] = parts[name] = ret_se
     capabilities = [n for n in results if n != TARGET]
