@@ -239,6 +239,13 @@ class SpectraConfig(_Frozen):
         top_k: Singular directions checked for intruder dimensions.
         intruder_threshold: A top singular vector of the finetuned weight whose best |cosine|
             with the pretrained ones is below this is an intruder.
+        precision: Working precision, on the device the weights live on: ``fp32`` (fast, on
+            a GPU too) or ``fp64`` (the reference; slow on most GPUs).
+        exact: Full SVDs for the top of each spectrum too (W_ft's top singular vectors, a
+            dense update's norm) instead of a randomized subspace iteration: the reference
+            method, ``min(d_out, d_in)³`` per layer and pass.
+        power_iterations: Subspace iterations of the randomized top-of-spectrum solver
+            (docs/geometry.md states its error).
     """
 
     enabled: bool = False
@@ -246,6 +253,18 @@ class SpectraConfig(_Frozen):
     modules: tuple[str, ...] | None = None
     top_k: int = Field(default=10, ge=1)
     intruder_threshold: float = Field(default=0.5, gt=0, lt=1)
+    precision: Literal["fp32", "fp64"] = "fp32"
+    exact: bool = False
+    power_iterations: int = Field(default=8, ge=0, le=100)
+
+    def solver(self) -> Any:
+        """The :class:`~arena_callbacks.spectra.Solver` these settings describe."""
+        import torch
+
+        from .spectra import Solver
+
+        dtype = torch.float32 if self.precision == "fp32" else torch.float64
+        return Solver(dtype=dtype, randomized=not self.exact, power_iterations=self.power_iterations, on_host=False)
 
 
 class GeometryConfig(_Frozen):

@@ -87,7 +87,8 @@ class Measurer:
 
             per_layer = weight_spectra(
                 getattr(model, "module", model), reference=self.spectra_reference, names=self._spectra_names,
-                k=sc.top_k, eps=sc.intruder_threshold, cache=self._spectra_cache,
+                k=sc.top_k, eps=sc.intruder_threshold, cache=self._spectra_cache, solver=sc.solver(),
+                progress=ctx.is_main and self.config.probe.progress_bar is not False,
             )
             extra.update(aggregate_spectra(per_layer))
         return results, clock() - start, extra

@@ -560,7 +560,7 @@ def _ds_reference(out: Path) -> tuple[dict[str, float], dict[str, float]]:
         metrics.update(tracker.measure(model, DistContext(), baseline=baseline_results is None))
         sc = cfg.spectra
         metrics.update(aggregate_spectra(weight_spectra(model, reference, names=layers, k=sc.top_k,
-                                                        eps=sc.intruder_threshold)))
+                                                        eps=sc.intruder_threshold, solver=sc.solver())))
         return results, metrics
 
     base_results, base_metrics = measure(None)

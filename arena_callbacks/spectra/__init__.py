@@ -24,12 +24,18 @@ layer computes with and ``ΔW = W_ft − W0``. Per layer (keys of :data:`SPECTRA
 Where W_ft comes from (:func:`layer_updates`): LoRA ``ΔW = s·B A`` (measured from the factors:
 norms and profiles never form ``ΔW``); DoRA ``W_ft = diag(m / ‖W0 + sBA‖_row) (W0 + sBA)``;
 OFT ``W_ft = W0 · blockdiag(R)ᵀ``; full finetuning the current weight against a step-0
-snapshot (:func:`snapshot_weights`). Everything is computed in float64 on the CPU.
+snapshot (:func:`snapshot_weights`).
 
-Cost: the SVD of each W0 is cached (``cache``) while W0 is unchanged. Intruders need W_ft's
-top left singular vectors; they come from an exact ``torch.linalg.svd`` of W_ft, a
-``min(d_out, d_in)³`` step per layer, so spectra run on their own cadence (``k = 0`` skips
-it). The cache holds ``U``, ``Σ``, ``V`` in float64: ``8·n·(d_out + d_in)`` bytes per layer.
+How it is computed (a :class:`Solver`): the weights are copied in float64 where they live (OFT
+and DoRA weights are built there, and a dense ΔW is taken in float64), then every metric works
+in the solver's precision. :data:`EXACT` (float64 on the CPU, full SVDs) is the reference and
+the default of these functions; the monitor uses :data:`FAST`: float32 on the weight's device,
+with the two quantities that need only the top of a spectrum, W_ft's top-``k`` left singular
+vectors (intruders) and a dense ΔW's ``‖ΔW‖_2``, from a randomized subspace iteration
+(:func:`top_singular`) instead of a full SVD of W_ft or ΔW. W0's thin SVD stays exact (every
+profile needs all of ``U`` and ``V``); it is computed once per layer and cached in host memory
+(``cache``) while W0 is unchanged: ``4·n·(d_out + d_in)`` bytes a layer in float32. LoRA
+updates never form ΔW. docs/geometry.md ("Weight spectra") states the error bounds.
 
 Modules, one per concern:
 
@@ -55,19 +61,26 @@ from __future__ import annotations
 
 from .layers import spectra_layer_names
 from .metrics import (
+    EXACT,
+    FAST,
     SPECTRAL_METRICS,
     PretrainedSVD,
+    Solver,
     dense_update_metrics,
     lowrank_update_metrics,
     moving_average,
     pretrained_svd,
     smoothness,
+    top_singular,
 )
 from .model import aggregate_spectra, weight_spectra
 from .updates import DenseUpdate, LayerUpdate, LowRankUpdate, layer_updates, snapshot_weights
 
 __all__ = [
+    "EXACT",
+    "FAST",
     "SPECTRAL_METRICS",
+    "Solver",
     "DenseUpdate",
     "LayerUpdate",
     "LowRankUpdate",
@@ -81,5 +94,6 @@ __all__ = [
     "smoothness",
     "snapshot_weights",
     "spectra_layer_names",
+    "top_singular",
     "weight_spectra",
 ]

@@ -1,8 +1,10 @@
 """Spectral metrics of one weight update, from its factors or from the dense weights.
 
 The metrics and their formulas are in the package's docstring (:mod:`arena_callbacks.spectra`).
-Everything is computed in float64 on the CPU; :func:`_host` makes those copies (gathering a
-sharded tensor whole first).
+How the decompositions are computed is a :class:`Solver`: :data:`EXACT` (float64, full SVDs:
+the reference) or, as the monitor runs by default, :data:`FAST` (float32 where the weight lives,
+the top of a spectrum from a randomized subspace iteration). :func:`_host` makes the working
+copies (gathering a sharded tensor whole first).
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ import torch
 from torch import nn
 
 __all__ = [
+    "EXACT",
+    "FAST",
     "SPECTRAL_METRICS",
     "PretrainedSVD",
+    "Solver",
     "dense_update_metrics",
     "lowrank_update_metrics",
     "moving_average",
     "pretrained_svd",
     "smoothness",
+    "top_singular",
 ]
 
 #: Metric names, in the order the metric functions return them.
@@ -39,6 +45,32 @@ _F64 = torch.float64
 _CPU = torch.device("cpu")
 
 
+class Solver(NamedTuple):
+    """How the spectra's decompositions are computed.
+
+    Attributes:
+        dtype: Working precision (``torch.float64`` or ``torch.float32``).
+        randomized: Take the top of a spectrum (W_ft's top-``k`` singular vectors for intruders,
+            a dense ΔW's largest singular value) from a randomized subspace iteration
+            (:func:`top_singular`) instead of a full SVD. W0's thin SVD is always exact.
+        power_iterations: Subspace iterations of :func:`top_singular`.
+        oversample: Extra columns of its subspace (at least this many, and at least ``k``).
+        on_host: Compute on the CPU (the reference) rather than where the weight lives.
+    """
+
+    dtype: torch.dtype = torch.float64
+    randomized: bool = False
+    power_iterations: int = 8
+    oversample: int = 10
+    on_host: bool = True
+
+
+#: The reference: float64 on the CPU, full SVDs (the results before randomized spectra existed).
+EXACT = Solver()
+#: The monitor's default: float32 where the weight lives, randomized top singular vectors.
+FAST = Solver(dtype=torch.float32, randomized=True, on_host=False)
+
+
 class PretrainedSVD(NamedTuple):
     """Thin SVD ``W0 = u · diag(s) · vᵀ`` (float64): ``u`` is ``d_out × n``, ``v`` is ``d_in × n``."""
 
@@ -47,10 +79,39 @@ class PretrainedSVD(NamedTuple):
     v: torch.Tensor
 
 
-def pretrained_svd(w0: torch.Tensor) -> PretrainedSVD:
-    """The thin SVD of a pretrained weight, in float64 on the CPU (cache it per layer)."""
-    u, s, vh = torch.linalg.svd(_host(w0), full_matrices=False)
+def pretrained_svd(w0: torch.Tensor, solver: Solver = EXACT) -> PretrainedSVD:
+    """The exact thin SVD of a pretrained weight, in the solver's precision (cache it per layer)."""
+    u, s, vh = torch.linalg.svd(_host(w0, solver), full_matrices=False)
     return PretrainedSVD(u, s, vh.mT)
+
+
+@torch.no_grad()
+def top_singular(m: torch.Tensor, q: int, solver: Solver = FAST, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``q`` singular values and left singular vectors of ``m``: ``(u, s)``, ``u`` is ``d_out × q``.
+
+    Exact (a full SVD) where the solver is not randomized or where that is cheap anyway
+    (``q + oversample ≥ min(m.shape) / 2``). Otherwise Halko, Martinsson & Tropp (2011),
+    Algorithm 4.4: a Gaussian sketch of ``q + max(q, oversample)`` columns from a private
+    generator seeded with ``seed`` (the global RNG is untouched, so the training run's random
+    stream is the same with or without spectra), ``power_iterations`` rounds of subspace
+    iteration re-orthonormalised by QR, then the exact SVD of the projection. Each computed
+    value is a lower bound on the true one (``σ̂_i ≤ σ_i``), and the error of the ``i``-th value and
+    vector shrinks as ``(σ_{l+1} / σ_i)^(2·power_iterations + 1)`` with ``l`` the sketch's width.
+    """
+    n = min(m.shape)
+    q = min(q, n)
+    width = q + max(q, solver.oversample)
+    if not solver.randomized or width >= n / 2:
+        u, s, _ = torch.linalg.svd(m, full_matrices=False)
+        return u[:, :q], s[:q]
+    gen = torch.Generator(device=m.device).manual_seed(seed)
+    omega = torch.randn(m.shape[1], width, generator=gen, device=m.device, dtype=m.dtype)
+    basis = torch.linalg.qr(m @ omega).Q
+    for _ in range(solver.power_iterations):
+        basis = torch.linalg.qr(m.mT @ basis).Q
+        basis = torch.linalg.qr(m @ basis).Q
+    ub, s, _ = torch.linalg.svd(basis.mT @ m, full_matrices=False)
+    return basis @ ub[:, :q], s[:q]
 
 
 @torch.no_grad()
@@ -63,6 +124,7 @@ def lowrank_update_metrics(
     k: int = 10,
     eps: float = 0.5,
     w0_svd: PretrainedSVD | None = None,
+    solver: Solver = EXACT,
 ) -> dict[str, float]:
     """Spectral metrics of a LoRA update ``ΔW = scaling · B @ A`` on top of ``w0``.
 
@@ -80,6 +142,7 @@ def lowrank_update_metrics(
         k: Top singular vectors of W_ft checked for intruders (0 turns the check off).
         eps: An intruder's best |cosine| with W0's left singular vectors is below this.
         w0_svd: :func:`pretrained_svd` of ``w0``, if already known.
+        solver: How the decompositions are computed (:data:`EXACT`: float64 on the CPU).
 
     Returns:
         ``{metric: value}`` for every name in :data:`SPECTRAL_METRICS`; every value is NaN if
@@ -88,12 +151,12 @@ def lowrank_update_metrics(
     Raises:
         ValueError: shapes that do not fit, or a bad ``k`` / ``eps``.
     """
-    w0, B, A = _host(w0), _host(B), _host(A)
+    w0, B, A = _host(w0, solver), _host(B, solver), _host(A, solver)
     _check_lowrank(w0, B, A)
     _check_k_eps(k, eps)
     if not _all_finite(w0, B, A) or not math.isfinite(scaling):
         return dict.fromkeys(SPECTRAL_METRICS, math.nan)
-    svd = _checked_svd(w0, w0_svd)
+    svd = _checked_svd(w0, w0_svd, solver)
     r_b = torch.linalg.qr(B, mode="r").R
     r_a = torch.linalg.qr(A.T, mode="r").R
     sv = torch.linalg.svdvals(r_b @ r_a.T) * abs(scaling)
@@ -101,7 +164,7 @@ def lowrank_update_metrics(
     a_v = A @ svd.v  # r × n: A v_i in column i
     retention = (scaling * ((svd.u.T @ B) * a_v.T).sum(dim=1)).abs()
     adaptation = abs(scaling) * torch.linalg.vector_norm(r_b @ a_v, dim=0)
-    intruders = _intruders(lambda: w0 + scaling * (B @ A), svd.u, k, eps) if spec > 0 else 0.0
+    intruders = _intruders(lambda: w0 + scaling * (B @ A), svd.u, k, eps, solver) if spec > 0 else 0.0
     return _assemble(svd, fro, spec, retention, adaptation, intruders)
 
 
@@ -113,11 +176,12 @@ def dense_update_metrics(
     k: int = 10,
     eps: float = 0.5,
     w0_svd: PretrainedSVD | None = None,
+    solver: Solver = EXACT,
 ) -> dict[str, float]:
     """Spectral metrics of any update ``ΔW = w_ft − w0`` (full finetuning, DoRA, OFT).
 
-    Costs the singular values of ΔW and, for intruders, an exact SVD of ``w_ft`` (skipped for
-    ``k = 0`` and for ``ΔW = 0``).
+    Costs ΔW's largest singular value and, for intruders, ``w_ft``'s top-``k`` left singular
+    vectors (both :func:`top_singular`; intruders skipped for ``k = 0`` and for ``ΔW = 0``).
 
     Args:
         w0: Pretrained weight, ``d_out × d_in``.
@@ -125,6 +189,7 @@ def dense_update_metrics(
         k: Top singular vectors of W_ft checked for intruders (0 turns the check off).
         eps: An intruder's best |cosine| with W0's left singular vectors is below this.
         w0_svd: :func:`pretrained_svd` of ``w0``, if already known.
+        solver: How the decompositions are computed (:data:`EXACT`: float64 on the CPU).
 
     Returns:
         ``{metric: value}`` for every name in :data:`SPECTRAL_METRICS`; every value is NaN if
@@ -133,20 +198,22 @@ def dense_update_metrics(
     Raises:
         ValueError: shapes that do not fit, or a bad ``k`` / ``eps``.
     """
-    w0, w_ft = _host(w0), _host(w_ft)
-    _check_matrix("w0", w0)
-    if w_ft.shape != w0.shape:
-        raise ValueError(f"w_ft must have w0's shape {tuple(w0.shape)}; got {tuple(w_ft.shape)}")
+    w0_in, w_ft_in = _gathered(w0), _gathered(w_ft)
+    _check_matrix("w0", w0_in)
+    if w_ft_in.shape != w0_in.shape:
+        raise ValueError(f"w_ft must have w0's shape {tuple(w0_in.shape)}; got {tuple(w_ft_in.shape)}")
     _check_k_eps(k, eps)
+    w0, w_ft = _host(w0_in, solver), _host(w_ft_in, solver)
     if not _all_finite(w0, w_ft):
         return dict.fromkeys(SPECTRAL_METRICS, math.nan)
-    svd = _checked_svd(w0, w0_svd)
-    dw = w_ft - w0
-    sv = torch.linalg.svdvals(dw)
-    fro, spec = float(torch.linalg.vector_norm(sv)), float(sv[0])
+    svd = _checked_svd(w0, w0_svd, solver)
+    # The difference in float64 first: a small update is not lost to the working precision's rounding.
+    dw = _host(w_ft_in.to(_F64) - w0_in.to(device=w_ft_in.device, dtype=_F64), solver)
+    fro = float(torch.linalg.vector_norm(dw))
+    spec = float(top_singular(dw, 1, solver)[1][0]) if fro > 0 else 0.0
     retention = ((svd.u.T @ dw) * svd.v.T).sum(dim=1).abs()  # diag(Uᵀ ΔW V)
     adaptation = torch.linalg.vector_norm(dw @ svd.v, dim=0)
-    intruders = _intruders(lambda: w_ft, svd.u, k, eps) if spec > 0 else 0.0
+    intruders = _intruders(lambda: w_ft, svd.u, k, eps, solver) if spec > 0 else 0.0
     return _assemble(svd, fro, spec, retention, adaptation, intruders)
 
 
@@ -188,11 +255,11 @@ def _assemble(
     return dict(zip(SPECTRAL_METRICS, values))
 
 
-def _intruders(w_ft: Callable[[], torch.Tensor], u0: torch.Tensor, k: int, eps: float) -> float:
+def _intruders(w_ft: Callable[[], torch.Tensor], u0: torch.Tensor, k: int, eps: float, solver: Solver) -> float:
     """Top-``k`` left singular vectors of ``w_ft()`` whose best |cos| with ``u0``'s columns is < eps."""
     if k == 0:
         return 0.0
-    u_ft = torch.linalg.svd(w_ft(), full_matrices=False).U[:, :k]
+    u_ft = top_singular(w_ft(), k, solver)[0]
     best = (u_ft.T @ u0).abs().amax(dim=1)
     return float((best < eps).sum())
 
@@ -204,15 +271,15 @@ def _ratio(num: float, den: float) -> float:
     return 0.0 if num == 0 else math.inf
 
 
-def _checked_svd(w0: torch.Tensor, svd: PretrainedSVD | None) -> PretrainedSVD:
+def _checked_svd(w0: torch.Tensor, svd: PretrainedSVD | None, solver: Solver) -> PretrainedSVD:
     if svd is None:
-        return pretrained_svd(w0)
+        return pretrained_svd(w0, solver)
     n = min(w0.shape)
     want = ((w0.shape[0], n), (n,), (w0.shape[1], n))
     got = tuple(tuple(t.shape) for t in svd)
     if got != want:
         raise ValueError(f"w0_svd does not fit w0 {tuple(w0.shape)}: u, s, v shapes {got}, expected {want}")
-    return PretrainedSVD(*(_host(t) for t in svd))
+    return PretrainedSVD(*(t.to(device=w0.device, dtype=w0.dtype) for t in svd))
 
 
 def _check_matrix(name: str, t: torch.Tensor) -> None:
@@ -239,9 +306,10 @@ def _all_finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _host(t: torch.Tensor) -> torch.Tensor:
-    """Detached float64 CPU copy of a tensor (a DTensor is gathered whole first: a collective)."""
-    return _gathered(t).to(device=_CPU, dtype=_F64)
+def _host(t: torch.Tensor, solver: Solver = EXACT) -> torch.Tensor:
+    """Detached working copy of a tensor in the solver's precision, on the CPU or where it lives
+    (``solver.on_host``); a DTensor or ZeRO-3 parameter is gathered whole first (a collective)."""
+    return _gathered(t).to(device=_CPU if solver.on_host else None, dtype=solver.dtype)
 
 
 def _gathered(t: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..aggregation import namespaced_metrics
-from .metrics import SPECTRAL_METRICS, PretrainedSVD, _all_finite, _check_k_eps, pretrained_svd
+from .metrics import _CPU, EXACT, SPECTRAL_METRICS, PretrainedSVD, Solver, _all_finite, _check_k_eps, pretrained_svd
 from .updates import layer_updates
 
 __all__ = ["aggregate_spectra", "weight_spectra"]
@@ -23,6 +23,8 @@ def weight_spectra(
     k: int = 10,
     eps: float = 0.5,
     cache: dict[str, Any] | None = None,
+    solver: Solver = EXACT,
+    progress: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Spectral metrics of every measured layer of a model.
 
@@ -36,8 +38,12 @@ def weight_spectra(
             every layer in ``reference``.
         k: Top singular vectors of W_ft checked for intruders (0 skips the W_ft SVD).
         eps: Intruder threshold on the best |cosine|.
-        cache: A dict owned by the caller that keeps each layer's W0 SVD between calls; an
-            entry is recomputed when W0's shape, sum or sum of squares changes.
+        cache: A dict owned by the caller that keeps each layer's W0 SVD between calls (in host
+            memory, in the solver's precision: ``4·n·(d_out + d_in)`` bytes a layer in float32);
+            an entry is recomputed when W0's shape, sum or sum of squares changes.
+        solver: How the decompositions are computed (:data:`~.metrics.EXACT`: float64 on the CPU,
+            full SVDs; the monitor uses :data:`~.metrics.FAST`).
+        progress: Show a progress bar over the layers once the pass has run for 3 seconds.
 
     Returns:
         ``{layer name: {metric: value}}`` in the order of ``names``.
@@ -47,10 +53,14 @@ def weight_spectra(
             merged adapter, or a bad ``k`` / ``eps``.
     """
     _check_k_eps(k, eps)
+    from tqdm.auto import tqdm
+
     out: dict[str, dict[str, float]] = {}
-    for name, update in layer_updates(model, reference, names=names):
-        svd = _cached_svd(cache, name, update.w0)
-        out[name] = update.metrics(k=k, eps=eps, w0_svd=svd)
+    total = len(names) if names is not None else None
+    for name, update in tqdm(layer_updates(model, reference, names=names), desc="spectra", total=total, delay=3,
+                             disable=not progress, leave=False, unit="layer"):
+        svd = _cached_svd(cache, name, update.w0, solver)
+        out[name] = update.metrics(k=k, eps=eps, w0_svd=svd, solver=solver)
     return out
 
 
@@ -74,15 +84,18 @@ def aggregate_spectra(per_layer: Mapping[str, Mapping[str, float]]) -> dict[str,
     return namespaced_metrics("spectral", per_layer, SPECTRAL_METRICS, noun="layer")
 
 
-def _cached_svd(cache: dict[str, Any] | None, name: str, w0: torch.Tensor) -> PretrainedSVD | None:
+def _cached_svd(cache: dict[str, Any] | None, name: str, w0: torch.Tensor, solver: Solver) -> PretrainedSVD | None:
     if not _all_finite(w0):
         return None  # the metric functions answer NaN before they need it
     if cache is None:
-        return pretrained_svd(w0)
+        return pretrained_svd(w0, solver)
     # Cheap guard against a stale entry: the base weight of an adapter never changes, but a
-    # name may be reused for another model or another reference.
-    key = (tuple(w0.shape), float(w0.sum()), float(w0.square().sum()))
+    # name may be reused for another model, another reference or another solver.
+    key = (tuple(w0.shape), float(w0.sum()), float(w0.square().sum()), solver)
     entry = cache.get(name)
     if entry is None or entry[0] != key:
-        entry = cache[name] = (key, pretrained_svd(w0))
+        # Kept in host memory (a 7B model's W0 SVDs do not belong on the accelerator); the
+        # metric functions move an entry to the weight's device when they use it.
+        svd = PretrainedSVD(*(t.to(_CPU) for t in pretrained_svd(w0, solver)))
+        entry = cache[name] = (key, svd)
     return entry[1]

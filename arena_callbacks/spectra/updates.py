@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .layers import _is_conv1d, _measurable_layers, _sample
-from .metrics import _CPU, _F64, PretrainedSVD, _gathered, _host, dense_update_metrics, lowrank_update_metrics
+from .metrics import _CPU, _F64, EXACT, PretrainedSVD, Solver, _gathered, dense_update_metrics, lowrank_update_metrics
 
 __all__ = ["DenseUpdate", "LayerUpdate", "LowRankUpdate", "layer_updates", "snapshot_weights"]
 
@@ -34,9 +34,11 @@ class LowRankUpdate:
         """The dense finetuned weight (materialised: for tests and small layers)."""
         return self.w0 + self.scaling * (self.b @ self.a)
 
-    def metrics(self, *, k: int = 10, eps: float = 0.5, w0_svd: PretrainedSVD | None = None) -> dict[str, float]:
+    def metrics(self, *, k: int = 10, eps: float = 0.5, w0_svd: PretrainedSVD | None = None,
+                solver: Solver = EXACT) -> dict[str, float]:
         """:func:`lowrank_update_metrics` of this update."""
-        return lowrank_update_metrics(self.w0, self.b, self.a, self.scaling, k=k, eps=eps, w0_svd=w0_svd)
+        return lowrank_update_metrics(self.w0, self.b, self.a, self.scaling, k=k, eps=eps, w0_svd=w0_svd,
+                                      solver=solver)
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,10 @@ class DenseUpdate:
     w0: torch.Tensor
     w_ft: torch.Tensor
 
-    def metrics(self, *, k: int = 10, eps: float = 0.5, w0_svd: PretrainedSVD | None = None) -> dict[str, float]:
+    def metrics(self, *, k: int = 10, eps: float = 0.5, w0_svd: PretrainedSVD | None = None,
+                solver: Solver = EXACT) -> dict[str, float]:
         """:func:`dense_update_metrics` of this update."""
-        return dense_update_metrics(self.w0, self.w_ft, k=k, eps=eps, w0_svd=w0_svd)
+        return dense_update_metrics(self.w0, self.w_ft, k=k, eps=eps, w0_svd=w0_svd, solver=solver)
 
 
 #: What :func:`layer_updates` yields per layer.
@@ -65,7 +68,8 @@ def layer_updates(
     """What to measure per layer: the pretrained weight and the finetuned one (or its factors).
 
     Layer names are module names with PEFT's ``base_model.model.`` prefix stripped. Weights are
-    ``d_out × d_in`` float64 CPU copies (GPT-2's ``Conv1D`` weights are transposed). Adapters
+    ``d_out × d_in`` float64 copies on the layer's device (GPT-2's ``Conv1D`` weights are
+    transposed); the metrics then work in their solver's precision. Adapters
     count as they compute in eval mode, whether or not they are switched off at the moment:
 
     * LoRA (``peft.tuners.lora.layer.Linear``), active adapters ``j``:
@@ -135,7 +139,7 @@ _Step = tuple[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"]  # (B, A
 def _lora_update(name: str, module: nn.Module) -> LayerUpdate:
     _check_unmerged(name, module)
     w0_raw = _raw_weight(module.get_base_layer(), name)
-    w0 = _host(w0_raw)
+    w0 = _wide(w0_raw)
     active = [adapter for adapter in module.active_adapters if adapter in module.lora_A]  # as forward skips
     steps = [_lora_step(name, module, adapter, w0_raw) for adapter in active]
     if not steps:  # no active adapter here: ΔW = 0
@@ -165,8 +169,8 @@ def _lora_step(name: str, module: nn.Module, adapter: str, w0_raw: torch.Tensor)
     factor = None
     if dora:
         norm = torch.linalg.norm(w0_raw.to(a.dtype) + scaling * (b @ a), dim=1)
-        factor = _host(module.lora_magnitude_vector[adapter].weight) / _host(norm)
-    return _host(b), _host(a), scaling, factor
+        factor = _wide(module.lora_magnitude_vector[adapter].weight) / _wide(norm)
+    return _wide(b), _wide(a), scaling, factor
 
 
 def _dora_weight(w0: torch.Tensor, steps: list[_Step]) -> torch.Tensor:
@@ -185,8 +189,8 @@ def _dora_weight(w0: torch.Tensor, steps: list[_Step]) -> torch.Tensor:
 
 def _oft_update(name: str, module: nn.Module) -> DenseUpdate:
     _check_unmerged(name, module)
-    w0 = _host(_raw_weight(module.get_base_layer(), name))
-    rotation = torch.eye(w0.shape[1], dtype=_F64)
+    w0 = _wide(_raw_weight(module.get_base_layer(), name))
+    rotation = torch.eye(w0.shape[1], dtype=_F64, device=w0.device)
     for adapter in module.active_adapters:
         if adapter in module.oft_R:
             rotation = rotation @ _oft_block_rotation(module.oft_R[adapter])
@@ -197,7 +201,7 @@ def _oft_block_rotation(rot: nn.Module) -> torch.Tensor:
     """``blockdiag(R)`` of peft's ``OFTRotationModule`` in float64, as its ``get_weight`` builds it."""
     b = rot.block_size
     rows, cols = torch.triu_indices(b, b, 1)
-    vec = _host(rot.weight)
+    vec = _wide(rot.weight)
     q = vec.new_zeros(vec.shape[0], b, b)
     q[:, rows, cols] = vec
     q = q - q.mT
@@ -213,7 +217,7 @@ def _oft_block_rotation(rot: nn.Module) -> torch.Tensor:
 
 def _cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
     """peft's truncated series ``I + 2Q + 2Q² + … + 2Q^(t−2) + Q^(t−1)`` (only nearly orthogonal)."""
-    r = torch.eye(q.shape[-1], dtype=q.dtype).expand_as(q).clone()
+    r = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q).clone()
     if terms > 1:
         r = r + 2 * q
         if terms > 2:
@@ -228,7 +232,7 @@ def _cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
 
 def _cayley(q: torch.Tensor) -> torch.Tensor:
     """peft's exact branch ``solve(I + Q, I − Q, left=False) = (I − Q)(I + Q)⁻¹`` (orthogonal)."""
-    eye = torch.eye(q.shape[-1], dtype=q.dtype).expand_as(q)
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
     return torch.linalg.solve(eye + q, eye - q, left=False)
 
 
@@ -238,11 +242,16 @@ def _full_update(name: str, module: nn.Module, reference: Mapping[str, torch.Ten
             f"layer {name!r} is a plain linear layer: measuring full finetuning needs its step-0 weight "
             "in reference (take it with snapshot_weights before training)"
         )
-    w_ft = _host(_raw_weight(module, name))
-    w0 = _host(reference[name])
+    w_ft = _wide(_raw_weight(module, name))
+    w0 = _wide(reference[name]).to(w_ft.device)
     if w0.shape != w_ft.shape:
         raise ValueError(f"reference[{name!r}] has shape {tuple(w0.shape)}; the layer's weight is {tuple(w_ft.shape)}")
     return DenseUpdate(w0, w_ft)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Detached float64 copy on the tensor's own device (a sharded one gathered whole first)."""
+    return _gathered(t).to(dtype=_F64)
 
 
 def _check_unmerged(name: str, module: nn.Module) -> None:
