@@ -35,8 +35,14 @@ PAPER = {"procrustes": (0.711, 0.568), "cka": (-0.761, -0.711), "gram": (0.485, 
 # ------------------------------------------------------------------ budgets
 
 
+#: Confidence levels each budget is evaluated at (None: the plain budget).
+LEVELS = (None, 0.8, 0.95)
+#: The false-alarm rate per probe step a recommended default may have (section "Defaults").
+FALSE_ALARM_TOLERANCE = 0.01
+
+
 def budgets(grid) -> list[tuple[str, BudgetConfig]]:
-    """The budgets evaluated offline: each plain and at ``confidence: 0.95``."""
+    """The budgets evaluated offline: each plain and at every confidence of :data:`LEVELS`."""
     text, score = grid.text_set, grid.score_set
     score_key = f"retention/{score}"
     specs = [
@@ -47,11 +53,55 @@ def budgets(grid) -> list[tuple[str, BudgetConfig]]:
     ]
     out = []
     for spec in specs:
-        for conf in (None, 0.95):
+        for conf in LEVELS:
             b = BudgetConfig(**spec, confidence=conf, action="stop")
-            limit = b.limit
-            label = f"{b.key} {limit[0]} {limit[1]:g}" + (" @95%" if conf else "")
-            out.append((label, b))
+            out.append((budget_label(b), b))
+    return out
+
+
+def budget_label(b: BudgetConfig) -> str:
+    return f"{b.key} {b.limit[0]} {b.limit[1]:g}" + (f" @{b.confidence:.0%}" if b.confidence else "")
+
+
+def sample_sizes(grid, records: dict[str, dict]) -> list[dict[str, Any]]:
+    """Per plain budget and confidence level, the rows ``arena_callbacks.advice`` would advise from each
+    run's baseline (every row of the set), as the monitor logs at train start: median and range over runs."""
+    from arena_callbacks.advice import sample_size_advice
+
+    out = []
+    for label, b in budgets(grid):
+        if b.confidence is None:
+            continue
+        needed, rows = [], 0
+        for record in records.values():
+            base = record["steps"][0]["rows"]
+            results = {n: _result(n, info["kind"], base[n]) for n, info in record["sets"].items()}
+            probes = {n: SimpleNamespace(name=n, kind=info["kind"], signal="nll" if info["kind"] == "text" else "score")
+                      for n, info in record["sets"].items()}
+            metrics = build_snapshot(results, results, probes)
+            advice = sample_size_advice([b], results, probes, metrics)
+            if advice:
+                needed.append(advice[0].needed)
+                rows = len(base[b.key.split("/")[-1]])
+        if needed:
+            out.append({"budget": label, "confidence": b.confidence, "median": statistics.median(needed),
+                        "min": min(needed), "max": max(needed), "runs": len(needed), "set_rows": rows,
+                        "probe_rows": grid.probe_rows})
+    return out
+
+
+def recommend(alarm_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per budget, the least conservative confidence level whose probe readings raised no more than
+    :data:`FALSE_ALARM_TOLERANCE` false alarms per step and never fired on a quiet run; None when no level
+    qualifies. Among levels that qualify the plain budget is preferred, then the lower confidence: each
+    step up costs delay and misses (the table beside it shows how much)."""
+    by_budget: dict[str, list[dict[str, Any]]] = {}
+    for r in alarm_rows:
+        by_budget.setdefault(r["budget"].split(" @")[0], []).append(r)
+    out = []
+    for base, rows in by_budget.items():
+        ok = [r for r in rows if r["false_alarm_per_step"] <= FALSE_ALARM_TOLERANCE and r["quiet_fired"] == 0]
+        out.append({"budget": base, "levels": rows, "choice": ok[0] if ok else None})
     return out
 
 

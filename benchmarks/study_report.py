@@ -88,6 +88,7 @@ def write_report(grid: Grid, records: dict[str, dict], out: Path, *, quick: bool
     _geometry(L, grid, records, figs)
     _rewinds(L, grid, records)
     _frontiers(L, grid, records, figs)
+    _defaults(L, grid, records)
     out.write_text("\n".join(L) + "\n")
 
 
@@ -249,6 +250,33 @@ def _frontiers(L, grid, records, figs):
     path = _plot_frontiers(grid, records, figs)
     if path:
         L += [f"![frontiers]({path})", ""]
+
+
+def _defaults(L, grid, records):
+    """Section (f): what the alarms and sample sizes say about the default budgets."""
+    L += ["## (f) Defaults that follow the evidence", ""]
+    recs = sa.recommend(sa.alarms(grid, records))
+    tol = sa.FALSE_ALARM_TOLERANCE
+    L += [f"Rule: per budget, the least conservative level (plain, then 80%, then 95%) whose {grid.probe_rows}-row "
+          f"probe readings raised at most {tol:.0%} false alarms per step and never fired on a quiet run; each step "
+          "up in confidence buys fewer false alarms with delay and misses (section (a)).", ""]
+    rows = []
+    for r in recs:
+        c = r["choice"]
+        level = "none qualifies" if c is None else ("plain" if c["confidence"] is None else f"{c['confidence']:.0%}")
+        detail = " · ".join(
+            f"{'plain' if x['confidence'] is None else format(x['confidence'], '.0%')}: "
+            f"{_f(x['false_alarm_per_step'], 3)} / {_f(x['delay_median'], 1)} / {x['missed']}"
+            for x in r["levels"])
+        rows.append([f"`{r['budget']}`", level, detail])
+    L += _table(["budget", "recommended", "false alarms per step / median delay / missed, per level"], rows)
+    L += ["", f"Rows a {grid.probe_rows}-row probe would need (the sample-size advice the monitor logs at train "
+          "start, from each run's baseline: detect a change of twice the limit with power 0.8):", ""]
+    L += _table(["budget", "confidence", "rows needed: median (range over runs)", "probe rows", "rows in the set"],
+                [[f"`{x['budget'].split(' @')[0]}`", f"{x['confidence']:.0%}",
+                  f"{x['median']:.0f} ({x['min']}–{x['max']}, n={x['runs']})", str(x["probe_rows"]),
+                  str(x["set_rows"])] for x in sa.sample_sizes(grid, records)])
+    L.append("")
 
 
 # ------------------------------------------------------------------ plots

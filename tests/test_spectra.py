@@ -271,7 +271,7 @@ def _check_dense_weights_are_what_layers_compute(model: torch.nn.Module) -> dict
         with torch.no_grad():
             y, y0 = module(x).double(), module.get_base_layer()(x).double()
         torch.testing.assert_close(y, x.double() @ update.w_ft.T + bias, rtol=1e-5, atol=1e-5, msg=name)
-        torch.testing.assert_close(y0, x.double() @ update.w0.T + bias, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(y0, x.double() @ update.w0.double().T + bias, rtol=1e-5, atol=1e-5, msg=name)
     return updates
 
 

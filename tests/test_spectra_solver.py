@@ -106,6 +106,21 @@ def test_same_intruder_counts_and_metrics_as_the_float64_reference(strength: flo
         assert ref["intruders"] == 1
 
 
+@pytest.mark.parametrize("outside", [False, True])
+def test_tall_layer_update_outside_w0s_column_space(outside: bool) -> None:
+    # d_out > d_in (an MLP up-projection): W0's 120 left singular vectors leave 80 directions of R^200
+    # free, and a LoRA B can write into them; the fast path must see those as new directions too.
+    w0 = weight_like(200, 120, seed=10)
+    u0 = torch.linalg.svd(w0, full_matrices=False).U
+    x = rand(200, seed=11)
+    x = x - u0 @ (u0.T @ x) if outside else u0[:, 60:].sum(dim=1)
+    b = torch.stack([x / x.norm(), rand(200, seed=12) / 20], dim=1)
+    a = torch.stack([rand(120, seed=13), rand(120, seed=14)]) / math.sqrt(120)
+    ref = lowrank_update_metrics(w0, b, a, 2.0, k=8, solver=EXACT)
+    assert ref["intruders"] >= 1
+    close(lowrank_update_metrics(w0.float(), b.float(), a.float(), 2.0, k=8, solver=FAST), ref)
+
+
 def test_small_dense_update_is_not_lost_to_float32_rounding() -> None:
     w0 = weight_like(120, 90, seed=8) * 50  # large weights, a tiny update: float32 rounding of w0 is ~3e-6
     dw = 1e-4 * rand(120, 90, seed=9)  # noise: a flat spectrum, the randomized norm's worst case
@@ -126,7 +141,7 @@ def _trained(config, seed: int = 0) -> torch.nn.Module:
 
 @pytest.mark.parametrize("method", ["lora", "oft", "full"])
 def test_model_spectra_fast_equal_reference_within_bounds(method: str) -> None:
-    targets = ["q_proj", "v_proj", "down_proj"]  # n = 32 (randomized at k = 4), 16 (exact), 32
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]  # n = 32 (randomized at k = 4), 16 (exact), 32, 32
     if method == "full":
         model = make_model(seed=2, vocab_size=96)
         names = spectra_layer_names(model, targets)

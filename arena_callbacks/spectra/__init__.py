@@ -31,8 +31,9 @@ and DoRA weights are built there, and a dense ΔW is taken in float64), then eve
 in the solver's precision. :data:`EXACT` (float64 on the CPU, full SVDs) is the reference and
 the default of these functions; the monitor uses :data:`FAST`: float32 on the weight's device,
 with the two quantities that need only the top of a spectrum, W_ft's top-``k`` left singular
-vectors (intruders) and a dense ΔW's ``‖ΔW‖_2``, from a randomized subspace iteration
-(:func:`top_singular`) instead of a full SVD of W_ft or ΔW. W0's thin SVD stays exact (every
+vectors (intruders) and a dense ΔW's ``‖ΔW‖_2``, found iteratively instead of by a full SVD of
+W_ft or ΔW: for LoRA from W0's SVD and the factors (a diagonal-plus-low-rank eigenproblem), for
+dense updates by a randomized subspace iteration (:func:`top_singular`). W0's thin SVD stays exact (every
 profile needs all of ``U`` and ``V``); it is computed once per layer and cached in host memory
 (``cache``) while W0 is unchanged: ``4·n·(d_out + d_in)`` bytes a layer in float32. LoRA
 updates never form ΔW. docs/geometry.md ("Weight spectra") states the error bounds.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,13 +86,15 @@ def aggregate_spectra(per_layer: Mapping[str, Mapping[str, float]]) -> dict[str,
 
 
 def _cached_svd(cache: dict[str, Any] | None, name: str, w0: torch.Tensor, solver: Solver) -> PretrainedSVD | None:
-    if not _all_finite(w0):
-        return None  # the metric functions answer NaN before they need it
     if cache is None:
-        return pretrained_svd(w0, solver)
+        return pretrained_svd(w0, solver) if _all_finite(w0) else None
     # Cheap guard against a stale entry: the base weight of an adapter never changes, but a
-    # name may be reused for another model, another reference or another solver.
-    key = (tuple(w0.shape), float(w0.sum()), float(w0.square().sum()), solver)
+    # name may be reused for another model, another reference or another solver. The sums
+    # double as the finiteness check (a NaN or an infinity makes them non-finite).
+    total, squares = float(w0.sum()), float(w0.square().sum())
+    if not (math.isfinite(total) and math.isfinite(squares)):
+        return None  # the metric functions answer NaN before they need it
+    key = (tuple(w0.shape), total, squares, solver)
     entry = cache.get(name)
     if entry is None or entry[0] != key:
         # Kept in host memory (a 7B model's W0 SVDs do not belong on the accelerator); the

@@ -68,8 +68,9 @@ def layer_updates(
     """What to measure per layer: the pretrained weight and the finetuned one (or its factors).
 
     Layer names are module names with PEFT's ``base_model.model.`` prefix stripped. Weights are
-    ``d_out × d_in`` float64 copies on the layer's device (GPT-2's ``Conv1D`` weights are
-    transposed); the metrics then work in their solver's precision. Adapters
+    ``d_out × d_in`` on the layer's device (GPT-2's ``Conv1D`` weights are transposed): float64
+    copies, except a LoRA update's W0, which is the base layer's weight as it is held (not a copy:
+    do not modify it); the metrics then work in their solver's precision. Adapters
     count as they compute in eval mode, whether or not they are switched off at the moment:
 
     * LoRA (``peft.tuners.lora.layer.Linear``), active adapters ``j``:
@@ -139,13 +140,14 @@ _Step = tuple[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"]  # (B, A
 def _lora_update(name: str, module: nn.Module) -> LayerUpdate:
     _check_unmerged(name, module)
     w0_raw = _raw_weight(module.get_base_layer(), name)
-    w0 = _wide(w0_raw)
+    # A LoRA update keeps W0 as the layer holds it (no float64 copy: its metrics never subtract from it).
+    w0 = w0_raw
     active = [adapter for adapter in module.active_adapters if adapter in module.lora_A]  # as forward skips
     steps = [_lora_step(name, module, adapter, w0_raw) for adapter in active]
     if not steps:  # no active adapter here: ΔW = 0
         return LowRankUpdate(w0, w0.new_zeros(w0.shape[0], 1), w0.new_zeros(1, w0.shape[1]), 1.0)
     if any(factor is not None for *_, factor in steps):
-        return DenseUpdate(w0, _dora_weight(w0, steps))
+        return DenseUpdate(_wide(w0), _dora_weight(_wide(w0), steps))
     if len(steps) == 1:
         return LowRankUpdate(w0, *steps[0][:3])
     b = torch.cat([s * b for b, _, s, _ in steps], dim=1)
