@@ -397,7 +397,10 @@ class MonitorConfig(_Frozen):
         cadence: When probes run.
         probe: How probes are tokenised and run.
         stability: How per-capability retentions aggregate into ``sp/stability``.
-        plasticity: ``difference`` (``T(t) - T(0)``) or ``ratio`` (``T(t) / T(0)``).
+        plasticity: ``difference`` (``T(t) - T(0)``), ``ratio`` (``T(t) / T(0)``), with ``T``
+            the target's score (or ``-NLL`` when it has none); or ``nll_reduction``
+            (``1 - NLL(t) / NLL(0)``: the share of the target answers' NLL removed, graded where
+            an exact-match score jumps from 0 to 1 in a few steps).
         budgets: Limits and the actions they trigger.
         operating_point: Operating-point rule and overshoot detection (``sp/*`` keys).
         geometry: Activation geometry (``geometry/*`` keys).
@@ -413,7 +416,7 @@ class MonitorConfig(_Frozen):
     cadence: CadenceConfig = CadenceConfig()
     probe: ProbeSettings = ProbeSettings()
     stability: Literal["mean", "min"] = "mean"
-    plasticity: Literal["difference", "ratio"] = "difference"
+    plasticity: Literal["difference", "ratio", "nll_reduction"] = "difference"
     budgets: tuple[BudgetConfig, ...] = ()
     operating_point: OperatingPointConfig = OperatingPointConfig()
     geometry: GeometryConfig = GeometryConfig()

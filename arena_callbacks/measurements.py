@@ -177,7 +177,9 @@ def build_snapshot(
         if r.score is not None:
             m["target/score"] = r.score
         t, t0 = _target_value(r), _target_value(b)
-        if plasticity == "ratio":
+        if plasticity == "nll_reduction":
+            m["sp/plasticity"] = 1.0 - r.nll / b.nll if b.nll > 0 else math.nan
+        elif plasticity == "ratio":
             if r.score is None:
                 m["sp/plasticity"] = math.exp(t - t0)  # exp(-ΔNLL): the text form of a ratio
             else:
@@ -212,7 +214,9 @@ def standard_errors(
             if r.score is not None:
                 se["target/score"] = stats.score_change_se(r.rows, b.rows)
             if "sp/plasticity" in m:
-                if r.score is None:  # difference: -ΔNLL; ratio: exp(-ΔNLL)
+                if plasticity == "nll_reduction":  # 1 - ΣNLL_i(t) / ΣNLL_i(0) over the same tokens
+                    se["sp/plasticity"] = stats.ratio_se(r.rows, b.rows, column=0)
+                elif r.score is None:  # difference: -ΔNLL; ratio: exp(-ΔNLL)
                     factor = m["sp/plasticity"] if plasticity == "ratio" else 1.0
                     se["sp/plasticity"] = abs(factor) * d_nll
                 elif plasticity == "ratio":

@@ -120,14 +120,16 @@ def score_change_se(now: Sequence[Row], base: Sequence[Row]) -> float:
     return math.sqrt(var / n)
 
 
-def ratio_se(now: Sequence[Row], base: Sequence[Row]) -> float:
-    """Standard error of ``Σ c_i(t) / Σ c_i(0)`` (score retention), linearised, from paired rows."""
+def ratio_se(now: Sequence[Row], base: Sequence[Row], column: int = 2) -> float:
+    """Standard error of ``Σ c_i(t) / Σ c_i(0)``, linearised, from paired rows: ``c`` is the score
+    (``column=2``: score retention) or the NLL sum (``column=0``: the target's ``nll_reduction``,
+    whose rows score the same tokens at both steps)."""
     n = _check(now, base)
-    total0 = math.fsum(r[2] for r in base)
+    total0 = math.fsum(r[column] for r in base)
     if n < 2 or total0 <= 0:
         return math.nan
-    ratio = math.fsum(r[2] for r in now) / total0
-    ss = math.fsum((a[2] - ratio * b[2]) ** 2 for a, b in zip(now, base))
+    ratio = math.fsum(r[column] for r in now) / total0
+    ss = math.fsum((a[column] - ratio * b[column]) ** 2 for a, b in zip(now, base))
     return math.sqrt(ss * n / (n - 1)) / total0
 
 

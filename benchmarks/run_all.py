@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, machine  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ("probe_throughput", "geometry_spectra", "memory", "scaling", "overhead")
+SCRIPTS = ("probe_throughput", "geometry_spectra", "spectra_scale", "memory", "scaling", "overhead")
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -82,6 +82,38 @@ def geometry_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
         ("geometry_spectra", "same with intruders (k=10: both take an SVD of W_ft)", f"{s['k10']['speedup']:.2f}x",
          "(info)", "n/a"),
     ]
+
+
+def spectra_scale_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
+    s = data["smollm2"]
+    rows = [
+        ("spectra_scale", f"SmolLM2 + LoRA r{s['rank']} on all {s['layers']} linears: a spectra pass with W0's SVDs "
+         f"(the first, cold) / the probe pass ({len(s['probe_sets'])} shipped sets, {s['probe_rows']} rows each)",
+         f"{s['cold_over_probe']:.2f} ({s['fast_cold_s']:.1f} s / {s['probe_s']:.1f} s)",
+         f"≤ {s['target_cold_over_probe']:g}", verdict(s["meets_target"])),
+        ("spectra_scale", "the same, every later pass (cache warm) / the probe pass",
+         f"{s['warm_over_probe']:.2f} ({s['fast_warm_s']:.2f} s)", "(info)", "n/a"),
+        ("spectra_scale", "the cold pass / a one-set probe pass (general_text, 64 rows)",
+         f"{s['cold_over_probe_one']:.2f} ({s['probe_one_s']:.1f} s)", "(info)", "n/a"),
+    ]
+    if "reference_cold_s" in s:
+        worst = max(s["max_rel_diff"].values())
+        rows += [
+            ("spectra_scale", "before (float64 full SVDs on the host) / after, cold and warm",
+             f"{s['speedup_cold']:.1f}x ({s['reference_cold_s']:.0f} s / {s['fast_cold_s']:.1f} s), "
+             f"{s['speedup_warm']:.0f}x ({s['reference_warm_s']:.0f} s / {s['fast_warm_s']:.2f} s)", "(info)", "n/a"),
+            ("spectra_scale", "after vs before: intruder counts equal; largest relative difference of the others",
+             f"{s['intruders_equal']} ({s['intruders_total']['fast']:.0f} intruders); {worst:.1e}",
+             "equal; ≤ 1e-3", verdict(s["intruders_equal"] and worst <= 1e-3)),
+        ]
+    b = data.get("llama2_7b")
+    if b:
+        rows.append(("spectra_scale", f"Llama-2-7B ({b['layers']} linears) on this CPU, from single-layer timings",
+                     f"W0 SVDs once {b['model_w0_svd_fp32_s'] / 60:.0f} min "
+                     f"({b['model_w0_svd_flop'] / 1e12:.0f} TFLOP); per LoRA pass {b['model_lora_pass_s']:.0f} s; "
+                     f"W0 cache {b['model_cache_bytes_fp32'] / 2**30:.0f} GiB",
+                     "(info: see NOTES)", "n/a"))
+    return rows
 
 
 def memory_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -239,6 +271,8 @@ def report() -> Path:
         rows += throughput_rows(found["probe_throughput"])
     if found["geometry_spectra"]:
         rows += geometry_rows(found["geometry_spectra"])
+    if found["spectra_scale"]:
+        rows += spectra_scale_rows(found["spectra_scale"])
     if found["memory"]:
         rows += memory_rows(found["memory"])
     if found["scaling"]:

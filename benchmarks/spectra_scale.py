@@ -3,14 +3,16 @@
 SmolLM2-135M with LoRA r16 on every linear layer (210 layers, B set to trained-like random values),
 measured side by side in one process:
 
-* ``probe``: one probe pass of the default settings (64 ``general_text`` rows, ``probe.batch_size`` 8,
-  ``max_length`` 256) on the same LoRA model;
+* ``probe``: one probe pass of the monitor's default settings (``probe.max_examples`` 64,
+  ``batch_size`` 8, ``max_length`` 256) over the five shipped capability sets, on the same LoRA
+  model: the pass a SmolLM2 user of the shipped sets pays at every probe step;
+* ``probe_one``: the same over ``general_text`` alone (64 rows), for scale;
 * ``fast``: ``weight_spectra`` with the monitor's solver (``spectra`` defaults: float32, randomized top
   of the spectrum), *cold* (an empty cache: W0's SVDs are taken, as at the first spectra pass, so the
   baseline's cost is included) and *warm* (the cache filled, as every later pass);
 * ``reference``: the float64 full-SVD method every spectra pass used before (cold and warm), once.
 
-Reported: cold and warm fast pass over one probe pass (target: the cold pass ≤ 1 probe pass), the
+Reported: cold and warm fast pass over the probe pass (target: the cold pass ≤ 1 probe pass), the
 speedup over the reference, and the agreement (largest relative difference per metric, intruder
 counts equal). Then single decompositions of a 7B-sized layer (4096×11008 and 4096×4096) on this CPU,
 and from them the cost of a Llama-2-7B spectra pass (224 such layers) on this machine, with the FLOP
@@ -58,7 +60,7 @@ def lora_model(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def smollm(args: argparse.Namespace) -> dict[str, Any]:
     from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
-    from arena_callbacks.capabilities import build_capability
+    from arena_callbacks.capabilities import CAPABILITIES, build_capability
     from arena_callbacks.config import SpectraConfig
     from arena_callbacks.distributed import DistContext
     from arena_callbacks.spectra import EXACT, SPECTRAL_METRICS, spectra_layer_names, weight_spectra
@@ -66,9 +68,14 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
     model, tok = lora_model(args)
     names = spectra_layer_names(model)
     settings = ProbeSettings(max_examples=args.rows, progress_bar=False)
-    runner = ProbeRunner({"general_text": ProbeSet.build("general_text", build_capability("general_text"),
-                                                         settings)}, settings)
-    runner.prepare(tok)
+
+    def runner_of(sets: list[str]) -> Any:
+        probes = {n: ProbeSet.build(n, build_capability(n, tokenizer=tok), settings) for n in sets}
+        runner = ProbeRunner(probes, settings)
+        runner.prepare(tok)
+        return runner
+
+    every, one = runner_of(sorted(CAPABILITIES)), runner_of(["general_text"])
     solver = SpectraConfig().solver()
     warm_cache: dict = {}
     weight_spectra(model, names=names, solver=solver, cache=warm_cache)
@@ -77,13 +84,16 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
         return weight_spectra(model, names=names, solver=solver, cache={})
 
     timed = interleaved({
-        "probe": lambda: runner.run(model, DistContext()),
+        "probe": lambda: every.run(model, DistContext()),
+        "probe_one": lambda: one.run(model, DistContext()),
         "fast_cold": cold,
         "fast_warm": lambda: weight_spectra(model, names=names, solver=solver, cache=warm_cache),
     }, args.repeats, warmup=False)
     fast = timed["fast_warm"]["last"]
     out: dict[str, Any] = {
-        "layers": len(names), "rank": args.rank, "probe_rows": args.rows,
+        "layers": len(names), "rank": args.rank, "probe_rows": args.rows, "probe_sets": sorted(CAPABILITIES),
+        "probe_one_s": timed["probe_one"]["median_s"],
+        "cold_over_probe_one": paired_ratio(timed, "fast_cold", "probe_one"),
         "shapes": sorted({tuple(model.get_submodule(f"base_model.model.{n}").base_layer.weight.shape)
                           for n in names}),
         "times_s": {n: v["times_s"] for n, v in timed.items()},
@@ -118,38 +128,39 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def seven_b(args: argparse.Namespace) -> dict[str, Any]:
-    """Single 7B-sized decompositions here, and a Llama-2-7B pass from them."""
+    """Single 7B-sized layers here, and a Llama-2-7B pass from them (float32, the monitor's solver)."""
     import torch
 
-    from arena_callbacks.spectra import FAST, top_singular
+    from arena_callbacks.spectra import FAST, PretrainedSVD, lowrank_update_metrics, top_singular
 
-    out: dict[str, Any] = {"shapes": {}}
+    out: dict[str, Any] = {"shapes": {}, "rank": args.rank}
     for d_out, d_in in sorted(set(LLAMA7B)):
         g = torch.Generator().manual_seed(0)
         w = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
-        b, a = torch.randn(d_out, 16, generator=g) * 0.01, torch.randn(16, d_in, generator=g) / math.sqrt(d_in)
+        b = torch.randn(d_out, args.rank, generator=g) * 0.01
+        a = torch.randn(args.rank, d_in, generator=g) / math.sqrt(d_in)
         row: dict[str, Any] = {}
         t = time.perf_counter()
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # W0, float32: once per layer
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)  # W0: once per layer and run
         row["w0_svd_fp32_s"] = time.perf_counter() - t
+        svd = PretrainedSVD(u, sv, vh.mT)
         t = time.perf_counter()
-        top_singular(w + b @ a, 10, FAST)  # intruders, every pass
-        row["top10_randomized_s"] = time.perf_counter() - t
+        lowrank_update_metrics(w, b, a, 2.0, k=10, w0_svd=svd, solver=FAST)  # every later LoRA pass
+        row["lora_pass_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        ((u.T @ b) * (a @ vh.T).T).sum(dim=1)  # the LoRA profiles, every pass
-        torch.linalg.vector_norm(torch.linalg.qr(b, mode="r").R @ (a @ vh.T), dim=0)
-        row["lora_profiles_s"] = time.perf_counter() - t
+        top_singular(w + 2.0 * (b @ a), 10, FAST)  # a dense update's intruders (full finetuning, OFT)
+        row["dense_top10_s"] = time.perf_counter() - t
         n = min(d_out, d_in)
-        row["w0_svd_flop"] = 4 * max(d_out, d_in) * n**2 + 8 * n**3  # Golub–Van Loan, thin SVD with U and V
-        width = 10 + max(10, 10)
-        row["top10_flop"] = 2 * d_out * d_in * width * (2 * FAST.power_iterations + 2)
+        row["w0_svd_flop"] = 4 * max(d_out, d_in) * n**2 + 8 * n**3  # Golub–Van Loan: thin SVD with U and V
+        row["lora_pass_flop"] = 2 * 2 * n * (d_out + d_in) * args.rank  # U0ᵀB and A V0 dominate
+        row["dense_top10_flop"] = 2 * d_out * d_in * 20 * (2 * FAST.power_iterations + 2)
         row["cache_bytes_fp32"] = 4 * n * (d_out + d_in)
         out["shapes"][f"{d_out}x{d_in}"] = row
-        del u, s, vh
+        del u, sv, vh, svd
     per_block = [out["shapes"][f"{o}x{i}"] for o, i in LLAMA7B]
     out["layers"] = len(LLAMA7B) * BLOCKS7B
-    for key in ("w0_svd_fp32_s", "top10_randomized_s", "lora_profiles_s", "w0_svd_flop", "top10_flop",
-                "cache_bytes_fp32"):
+    for key in ("w0_svd_fp32_s", "lora_pass_s", "dense_top10_s", "w0_svd_flop", "lora_pass_flop",
+                "dense_top10_flop", "cache_bytes_fp32"):
         out[f"model_{key}"] = BLOCKS7B * sum(r[key] for r in per_block)
     return out
 
@@ -168,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"benchmark": "spectra_scale", "model": MODEL, "machine": machine(),
                               "smollm2": smollm(args)}
     s = report["smollm2"]
-    print(f"SmolLM2 + LoRA r{s['rank']} on {s['layers']} layers: probe pass {s['probe_s']:.2f} s; fast spectra cold "
+    print(f"SmolLM2 + LoRA r{s['rank']} on {s['layers']} layers: probe pass {s['probe_s']:.2f} s (five sets; one "
+          f"set {s['probe_one_s']:.2f} s); fast spectra cold "
           f"{s['fast_cold_s']:.2f} s ({s['cold_over_probe']:.2f} probe passes, target ≤ {TARGET:g}), warm "
           f"{s['fast_warm_s']:.2f} s ({s['warm_over_probe']:.2f}); W0 cache {s['cache_mb']:.0f} MB", flush=True)
     if "reference_cold_s" in s:
@@ -179,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         report["llama2_7b"] = seven_b(args)
         b = report["llama2_7b"]
         print(f"Llama-2-7B ({b['layers']} layers) on this CPU: W0 SVDs once {b['model_w0_svd_fp32_s'] / 60:.0f} min "
-              f"({b['model_w0_svd_flop'] / 1e12:.1f} TFLOP), then per pass {b['model_top10_randomized_s']:.0f} s "
-              f"intruders ({b['model_top10_flop'] / 1e12:.2f} TFLOP) + {b['model_lora_profiles_s']:.0f} s LoRA "
-              f"profiles; W0 cache {b['model_cache_bytes_fp32'] / 2**30:.0f} GiB", flush=True)
+              f"({b['model_w0_svd_flop'] / 1e12:.1f} TFLOP), then per LoRA pass {b['model_lora_pass_s']:.0f} s "
+              f"({b['model_lora_pass_flop'] / 1e12:.2f} TFLOP), per dense pass {b['model_dense_top10_s']:.0f} s "
+              f"({b['model_dense_top10_flop'] / 1e12:.1f} TFLOP); W0 cache "
+              f"{b['model_cache_bytes_fp32'] / 2**30:.0f} GiB", flush=True)
     path = write_json("spectra_scale", report, args.out)
     print(f"written {path}")
     return 0

@@ -105,23 +105,13 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else (folder / "evidence.md" if args.quick else REPO / "docs" / "evidence.md")
     only = {x.strip() for x in args.only.split(",") if x.strip()}
 
-    import torch
-
-    torch.set_num_threads(args.threads or max(1, min(os.cpu_count() or 1, 4)))
-    torch.set_flush_denormal(True)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    import logging
-
-    logging.getLogger("arena_callbacks").setLevel(logging.ERROR)
-
     from study_report import write_report
 
     t0 = time.perf_counter()
     if "report" not in only:
         cached = load_cache(folder, grid)
         todo = planned(grid, only)
+        ready = False
         for i, (method, regime, seed) in enumerate(todo, 1):
             name = run_name(method, regime, seed)
             if name in cached:
@@ -132,6 +122,9 @@ def main(argv=None) -> int:
             if args.max_minutes is not None and elapsed >= args.max_minutes:
                 print(f"[{i}/{len(todo)}] {name}: not started, --max-minutes {args.max_minutes:g} reached", flush=True)
                 break
+            if not ready:  # process-wide settings, only where something trains
+                _prepare_process(args.threads)
+                ready = True
             print(f"[{i}/{len(todo)}] {name}: training ...", flush=True)
             record = execute(grid, method, regime, seed, log=lambda msg: print(msg, flush=True),
                              base_cache=Path(args.base_cache) if args.base_cache else None)
@@ -149,6 +142,19 @@ def main(argv=None) -> int:
     write_report(grid, load_cache(folder, grid), out, quick=args.quick)
     print(f"report: {out}", flush=True)
     return 0
+
+
+def _prepare_process(threads: int | None) -> None:
+    """Threads, denormals and quiet logs for training runs (left alone when nothing trains)."""
+    import logging
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads or max(1, min(os.cpu_count() or 1, 4)))
+    torch.set_flush_denormal(True)
+    hf_logging.disable_progress_bar()
+    logging.getLogger("arena_callbacks").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -109,11 +109,15 @@ def _cost(L, grid, records):
           f"{total / len(records):.0f} s per run), on the machine that ran them "
           "(2 CPU cores here, shared with other work while the study ran, so slower than an idle machine)."]
     overall = total / len(records)
-    by_regime = {g: statistics.fmean(r["seconds"]["total"] for r in records.values() if r["regime"] == g)
-                 for g in grid.regimes if any(r["regime"] == g for r in records.values())}
-    projected = sum(by_regime.get(g, overall) for _ in grid.seeds for g in grid.regimes for _ in grid.methods)
-    L += [f"At these measured times the whole planned grid ({len(grid.seeds) * len(grid.regimes) * len(grid.methods)}"
-          f" runs) takes about {projected / 60:.0f} minutes.", ""]
+    cell = {(g, m): statistics.median(r["seconds"]["total"] for r in records.values()
+                                      if r["regime"] == g and r["method"] == m)
+            for g in grid.regimes for m in grid.methods
+            if any(r["regime"] == g and r["method"] == m for r in records.values())}
+    projected = sum(cell.get((g, m), overall) for _ in grid.seeds for g in grid.regimes for m in grid.methods)
+    L += [f"At the median measured time of each regime and method (runs slowed by other work on the machine "
+          f"weigh less than in the mean) the whole planned grid "
+          f"({len(grid.seeds) * len(grid.regimes) * len(grid.methods)} runs) takes about {projected / 60:.0f} "
+          "minutes.", ""]
 
 
 def _basis(grid, records) -> str:

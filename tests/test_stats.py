@@ -59,6 +59,32 @@ def test_score_errors_against_numpy(rng):
                                                  rel=1e-12)
 
 
+def test_nll_reduction_plasticity_and_its_error_against_float64(rng):
+    from types import SimpleNamespace
+
+    from arena_callbacks.probes.scoring import ProbeSums, probe_result
+
+    n = 30
+    tokens = rng.integers(4, 20, n).astype(float)
+    base_nll = tokens * rng.uniform(2, 4, n)
+    now_nll = base_nll * rng.uniform(0.2, 0.9, n)
+
+    def result(nll):
+        rows = tuple(rows_of(nll, tokens, np.zeros(n)))
+        return probe_result("target", "completion", ProbeSums(math.fsum(nll), math.fsum(tokens), 0.0, float(n)), rows)
+
+    now, base = {"target": result(now_nll)}, {"target": result(base_nll)}
+    probes = {"target": SimpleNamespace(kind="completion", signal="score")}
+    m = build_snapshot(now, base, probes, plasticity="nll_reduction")
+    want = 1 - (now_nll.sum() / tokens.sum()) / (base_nll.sum() / tokens.sum())
+    assert m["sp/plasticity"] == pytest.approx(want, rel=1e-12)
+    assert m["stderr/sp/plasticity"] == pytest.approx(delta_method_ratio_se(now_nll, base_nll), rel=1e-12)
+    # Every row's NLL halved: exactly 0.5 of the NLL removed, with no spread at all.
+    half = build_snapshot({"target": result(base_nll / 2)}, base, probes, plasticity="nll_reduction")
+    assert half["sp/plasticity"] == pytest.approx(0.5) and half["stderr/sp/plasticity"] == pytest.approx(0, abs=1e-15)
+    assert build_snapshot(base, base, probes, plasticity="nll_reduction")["sp/plasticity"] == 0.0
+
+
 def test_no_change_has_zero_error_and_one_row_has_none():
     rows = [(3.0, 2.0, 1.0), (5.0, 4.0, 0.0), (1.0, 1.0, 1.0)]
     assert stats.nll_change_se(rows, rows) == stats.score_change_se(rows, rows) == stats.ratio_se(rows, rows) == 0

@@ -1,6 +1,7 @@
 """The evidence study (benchmarks/study.py --quick): runs cached as JSON, finished runs skipped on a
 second invocation, and docs/evidence.md-style tables generated from the cache alone."""
 
+import importlib.util
 import json
 import os
 import re
@@ -14,18 +15,37 @@ REPO = Path(__file__).resolve().parent.parent
 RUNS = {"aggressive-lora-s0", "aggressive-full-s0", "control-lora-s0", "control-full-s0"}
 
 
+def _args(tmp_path, base, *extra) -> list[str]:
+    return ["--quick", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "evidence.md"),
+            "--base-cache", str(base), *extra]
+
+
 def _study(tmp_path, base, *extra):
+    """The command as a user runs it, in its own process (it trains)."""
     env = {k: v for k, v in os.environ.items() if k != "TENSORBOARD_LOGGING_DIR"}
     env["HF_HUB_OFFLINE"] = "1"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "study.py"), "--quick", "--cache-dir", str(tmp_path / "cache"),
-           "--out", str(tmp_path / "evidence.md"), "--base-cache", str(base), *extra]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "study.py"), *_args(tmp_path, base, *extra)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=880, check=False)
     assert proc.returncode == 0, f"study failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc.stdout
 
 
+def _study_here(tmp_path, base, capsys, *extra):
+    """The same command in this process, for invocations that train nothing (no process-wide settings change)."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("study_cli", REPO / "benchmarks" / "study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    assert study.main(_args(tmp_path, base, *extra)) == 0
+    assert torch.get_num_threads() == threads
+    return capsys.readouterr().out
+
+
 @pytest.mark.timeout(900)
-def test_quick_study_caches_runs_skips_them_and_reports_from_the_cache(tmp_path, quick_base_dir):
+def test_quick_study_caches_runs_skips_them_and_reports_from_the_cache(tmp_path, quick_base_dir, capsys):
     out = _study(tmp_path, quick_base_dir)
     cache = tmp_path / "cache"
     assert {p.stem for p in cache.glob("*.json")} == RUNS
@@ -41,14 +61,15 @@ def test_quick_study_caches_runs_skips_them_and_reports_from_the_cache(tmp_path,
 
     md = (tmp_path / "evidence.md").read_text()
     for part in ("## (a) False alarms and delay", "## (b) Does the probe stand for the capability?",
-                 "## (c) Does geometry see it coming?", "## (d) Does the rewind pay?", "## (e) The methods' frontiers"):
+                 "## (c) Does geometry see it coming?", "## (d) Does the rewind pay?", "## (e) The methods' frontiers",
+                 "## (f) Defaults that follow the evidence"):
         assert part in md
     assert "4 of 4 planned runs" in md and "| `general` | 6 / 16 |" in md
     assert "`delta_nll/general max_rise 0.5 @95%`" in md and "| procrustes |" in md and "| path+refine |" in md
     assert (tmp_path / "evidence-quick" / "probe_vs_full.png").stat().st_size > 1000
 
     # A second invocation trains nothing: every run is read from the cache.
-    out2 = _study(tmp_path, quick_base_dir)
+    out2 = _study_here(tmp_path, quick_base_dir, capsys)
     assert out2.count("cached") == 4 and "training" not in out2
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.json")} == mtimes
 
@@ -58,7 +79,7 @@ def test_quick_study_caches_runs_skips_them_and_reports_from_the_cache(tmp_path,
     rec["seconds"]["total"] += 600.0
     (cache / "aggressive-lora-s0.json").write_text(json.dumps(rec))
     (cache / "control-full-s0.json").unlink()
-    _study(tmp_path, quick_base_dir, "--only", "report")
+    _study_here(tmp_path, quick_base_dir, capsys, "--only", "report")
     md2 = (tmp_path / "evidence.md").read_text()
     total2 = sum(json.loads(p.read_text())["seconds"]["total"] for p in cache.glob("*.json"))
     assert "**partial**: 3 of 4 planned runs" in md2
