@@ -280,6 +280,16 @@ def _defaults(L, grid, records):
                 [[f"`{x['budget'].split(' @')[0]}`", f"{x['confidence']:.0%}",
                   f"{x['median']:.0f} ({x['min']}–{x['max']}, n={x['runs']})", str(x["probe_rows"]),
                   str(x["set_rows"])] for x in sa.sample_sizes(grid, records)])
+    g = sa.geometry(grid, records)
+    leads = [(m["metric"], m["lead"]["vs_alarm"]) for m in g["metrics"] if m["lead"]["vs_alarm"][2]]
+    if leads:
+        best, (mean, _, n) = max(leads, key=lambda x: x[1][0])
+        verdict = ("a geometry threshold fixed before the run warned earlier than the probe's alarm on average, "
+                   "so a geometry budget with `action: log` is worth adding as an early warning" if mean > 0 else
+                   "no geometry threshold fixed before the run warned earlier than the probe's alarm on average, "
+                   "so no geometry budget is recommended as an early warning: the probes are the alarm")
+        L += ["", f"Geometry as an early warning (section (c)): the best mean lead over the probe's alarm is "
+              f"{_f(mean, 1)} steps ({best}, n={n}); {verdict}."]
     L.append("")
 
 

@@ -155,10 +155,12 @@ def test_attached_by_the_variable_or_in_python_the_run_is_the_same(hook, monitor
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("processes", [2])
 def test_trl_sft_command_with_arena_callbacks_run(hook, monitor_yaml, tmp_path, processes):
     """TRL's own console command, which relaunches itself through ``accelerate launch``; with 2
-    processes (gloo on the CPU) each step covers twice the rows, which the logged epoch shows."""
+    processes (gloo on the CPU) each step covers twice the rows, which the logged epoch shows.
+    (One process takes the same relaunch and hook path; it was dropped to keep the suite within
+    its time: ``processes=1`` still runs when added here.)"""
     pytest.importorskip("trl")
     if shutil.which("trl", path=str(BIN)) is None:
         pytest.skip("no trl command in this environment")
