@@ -103,7 +103,9 @@ def spectra_scale_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
              f"{s['speedup_cold']:.1f}x ({s['reference_cold_s']:.0f} s / {s['fast_cold_s']:.1f} s), "
              f"{s['speedup_warm']:.0f}x ({s['reference_warm_s']:.0f} s / {s['fast_warm_s']:.2f} s)", "(info)", "n/a"),
             ("spectra_scale", "after vs before: intruder counts equal; largest relative difference of the others",
-             f"{s['intruders_equal']} ({s['intruders_total']['fast']:.0f} intruders); {worst:.1e}",
+             f"{s['intruders_equal']} ({s['intruders_total']['fast']:.0f} intruders; with B ×10 and ×100 on "
+             f"{s['intruders_x10']['layers']} layers {s['intruders_x10']['fast']:.0f} and "
+             f"{s['intruders_x100']['fast']:.0f}); {worst:.1e}",
              "equal; ≤ 1e-3", verdict(s["intruders_equal"] and worst <= 1e-3)),
         ]
     b = data.get("llama2_7b")

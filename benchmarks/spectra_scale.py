@@ -124,6 +124,21 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
         out["intruders_equal"] = all(fast[n]["intruders"] == ref[n]["intruders"] for n in names)
         out["intruders_total"] = {"fast": sum(fast[n]["intruders"] for n in names),
                                   "reference": sum(ref[n]["intruders"] for n in names)}
+        # A small update has no intruders; a 10x and a 100x larger one (every 5th layer) have some.
+        import torch
+
+        some = names[::5]
+        for factor in (10, 100):
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.mul_(10)
+            f = weight_spectra(model, names=some, solver=solver, cache=warm_cache)
+            r = weight_spectra(model, names=some, solver=EXACT, cache=ref_cache)
+            out[f"intruders_x{factor}"] = {"layers": len(some), "fast": sum(f[n]["intruders"] for n in some),
+                                           "reference": sum(r[n]["intruders"] for n in some),
+                                           "equal": all(f[n]["intruders"] == r[n]["intruders"] for n in some)}
+        out["intruders_equal"] = out["intruders_equal"] and all(out[f"intruders_x{x}"]["equal"] for x in (10, 100))
     return out
 
 
@@ -134,7 +149,7 @@ def seven_b(args: argparse.Namespace) -> dict[str, Any]:
     from arena_callbacks.spectra import FAST, PretrainedSVD, lowrank_update_metrics, top_singular
 
     out: dict[str, Any] = {"shapes": {}, "rank": args.rank}
-    for d_out, d_in in sorted(set(LLAMA7B)):
+    for d_out, d_in in sorted({(max(o, i), min(o, i)) for o, i in LLAMA7B}):  # a shape and its transpose cost alike
         g = torch.Generator().manual_seed(0)
         w = torch.randn(d_out, d_in, generator=g) / math.sqrt(d_in)
         b = torch.randn(d_out, args.rank, generator=g) * 0.01
@@ -157,7 +172,7 @@ def seven_b(args: argparse.Namespace) -> dict[str, Any]:
         row["cache_bytes_fp32"] = 4 * n * (d_out + d_in)
         out["shapes"][f"{d_out}x{d_in}"] = row
         del u, sv, vh, svd
-    per_block = [out["shapes"][f"{o}x{i}"] for o, i in LLAMA7B]
+    per_block = [out["shapes"][f"{max(o, i)}x{min(o, i)}"] for o, i in LLAMA7B]
     out["layers"] = len(LLAMA7B) * BLOCKS7B
     for key in ("w0_svd_fp32_s", "lora_pass_s", "dense_top10_s", "w0_svd_flop", "lora_pass_flop",
                 "dense_top10_flop", "cache_bytes_fp32"):

@@ -80,8 +80,19 @@ class PretrainedSVD(NamedTuple):
 
 
 def pretrained_svd(w0: torch.Tensor, solver: Solver = EXACT) -> PretrainedSVD:
-    """The exact thin SVD of a pretrained weight, in the solver's precision (cache it per layer)."""
-    u, s, vh = torch.linalg.svd(_host(w0, solver), full_matrices=False)
+    """The exact thin SVD of a pretrained weight, in the solver's precision (cache it per layer).
+
+    On the CPU under ``OMP_WAIT_POLICY=PASSIVE`` a matrix up to 768 on its short side runs on one
+    thread, for the reason :func:`arena_callbacks.geometry._nuclear_norm` gives.
+    """
+    from ..geometry import _SVD_ONE_THREAD_MAX, _intra_op_threads, _passive_omp_wait
+
+    w = _host(w0, solver)
+    if w.device.type == "cpu" and min(w.shape) <= _SVD_ONE_THREAD_MAX and _passive_omp_wait():
+        with _intra_op_threads(1):
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    else:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return PretrainedSVD(u, s, vh.mT)
 
 
