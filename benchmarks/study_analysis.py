@@ -60,7 +60,12 @@ def budgets(grid) -> list[tuple[str, BudgetConfig]]:
 
 
 def budget_label(b: BudgetConfig) -> str:
-    return f"{b.key} {b.limit[0]} {b.limit[1]:g}" + (f" @{b.confidence:.0%}" if b.confidence else "")
+    return _plain_label(b) + (f" @{b.confidence:.0%}" if b.confidence else "")
+
+
+def _plain_label(b: BudgetConfig) -> str:
+    """The label of the budget without its confidence level (what its levels are grouped by)."""
+    return f"{b.key} {b.limit[0]} {b.limit[1]:g}"
 
 
 def sample_sizes(grid, records: dict[str, dict]) -> list[dict[str, Any]]:
@@ -84,7 +89,8 @@ def sample_sizes(grid, records: dict[str, dict]) -> list[dict[str, Any]]:
                 needed.append(advice[0].needed)
                 rows = len(base[b.key.split("/")[-1]])
         if needed:
-            out.append({"budget": label, "confidence": b.confidence, "median": statistics.median(needed),
+            out.append({"budget": label, "base": _plain_label(b), "confidence": b.confidence,
+                        "median": statistics.median(needed),
                         "min": min(needed), "max": max(needed), "runs": len(needed), "set_rows": rows,
                         "probe_rows": grid.probe_rows})
     return out
@@ -97,7 +103,7 @@ def recommend(alarm_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     step up costs delay and misses (the table beside it shows how much)."""
     by_budget: dict[str, list[dict[str, Any]]] = {}
     for r in alarm_rows:
-        by_budget.setdefault(r["budget"].split(" @")[0], []).append(r)
+        by_budget.setdefault(r["base"], []).append(r)
     out = []
     for base, rows in by_budget.items():
         ok = [r for r in rows if r["false_alarm_per_step"] <= FALSE_ALARM_TOLERANCE and r["quiet_fired"] == 0]
@@ -234,7 +240,7 @@ def alarms(grid, records: dict[str, dict]) -> list[dict[str, Any]]:
                     else:
                         delays.append(fired - t_first)
         rows.append({
-            "budget": label, "confidence": b.confidence,
+            "budget": label, "base": _plain_label(b), "confidence": b.confidence,
             "false_alarm_per_step": fa_steps / within_steps if within_steps else math.nan, "within_steps": within_steps,
             "quiet_runs": quiet_runs, "quiet_fired": quiet_fired,
             "breached_runs": breached, "missed": missed,

@@ -83,12 +83,13 @@ def write_report(grid: Grid, records: dict[str, dict], out: Path, *, quick: bool
         out.write_text("\n".join(L) + "\n")
         return
     _cost(L, grid, records)
-    _alarms(L, grid, records)
+    alarm_rows, geo = sa.alarms(grid, records), sa.geometry(grid, records)  # each used by two sections
+    _alarms(L, grid, records, alarm_rows)
     _probe(L, grid, records, figs)
-    _geometry(L, grid, records, figs)
+    _geometry(L, grid, records, figs, geo)
     _rewinds(L, grid, records)
     _frontiers(L, grid, records, figs)
-    _defaults(L, grid, records)
+    _defaults(L, grid, records, alarm_rows, geo)
     out.write_text("\n".join(L) + "\n")
 
 
@@ -127,9 +128,8 @@ def _basis(grid, records) -> str:
             f"{grid.realizations} probe readings each.")
 
 
-def _alarms(L, grid, records):
+def _alarms(L, grid, records, rows):
     L += ["## (a) False alarms and delay", "", _basis(grid, records), ""]
-    rows = sa.alarms(grid, records)
     L += ["Per budget, over every run and probe reading. *False alarms per step*: the share of probe steps "
           "where the full set is within the limit but the probe reading is past it (with `confidence`, past it "
           "by the one-sided Student-t margin). *Quiet runs*: runs whose full set never breaches; how many of "
@@ -159,8 +159,7 @@ def _probe(L, grid, records, figs):
         L += [f"![probe vs full]({path})", ""]
 
 
-def _geometry(L, grid, records, figs):
-    g = sa.geometry(grid, records)
+def _geometry(L, grid, records, figs, g):
     L += ["## (c) Does geometry see it coming?", ""]
     L += [f"Geometry (mean over the tracked modules) against the full set's `{g['loss_key']}`. *Within*: Spearman "
           "along each run's steps, mean ± sd over runs per method (both rise with the step, which inflates it). "
@@ -264,10 +263,10 @@ def _frontiers(L, grid, records, figs):
         L += [f"![frontiers]({path})", ""]
 
 
-def _defaults(L, grid, records):
-    """Section (f): what the alarms and sample sizes say about the default budgets."""
+def _defaults(L, grid, records, alarm_rows, g):
+    """Section (f): what the alarms, sample sizes and geometry's lead say about the default budgets."""
     L += ["## (f) Defaults that follow the evidence", ""]
-    recs = sa.recommend(sa.alarms(grid, records))
+    recs = sa.recommend(alarm_rows)
     tol = sa.FALSE_ALARM_TOLERANCE
     L += [f"Rule: per budget, the least conservative level (plain, then 80%, then 95%) whose {grid.probe_rows}-row "
           f"probe readings raised at most {tol:.0%} false alarms per step and never fired on a quiet run; each step "
@@ -285,10 +284,9 @@ def _defaults(L, grid, records):
     L += ["", f"Rows a {grid.probe_rows}-row probe would need (the sample-size advice the monitor logs at train "
           "start, from each run's baseline: detect a change of twice the limit with power 0.8):", ""]
     L += _table(["budget", "confidence", "rows needed: median (range over runs)", "probe rows", "rows in the set"],
-                [[f"`{x['budget'].split(' @')[0]}`", f"{x['confidence']:.0%}",
+                [[f"`{x['base']}`", f"{x['confidence']:.0%}",
                   f"{x['median']:.0f} ({x['min']}–{x['max']}, n={x['runs']})", str(x["probe_rows"]),
                   str(x["set_rows"])] for x in sa.sample_sizes(grid, records)])
-    g = sa.geometry(grid, records)
     leads = [(m["metric"], m["lead"]["vs_alarm"]) for m in g["metrics"] if m["lead"]["vs_alarm"][2]]
     if leads:
         best, (mean, _, n) = max(leads, key=lambda x: x[1][0])
