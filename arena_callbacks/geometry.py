@@ -338,6 +338,14 @@ def _intra_op_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _svd_threads(m: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where a CPU SVD of ``m`` should run: on one thread for a small matrix under passive OpenMP
+    waiting (see :data:`_SVD_ONE_THREAD_MAX`), else on the caller's threads."""
+    if m.device.type == "cpu" and min(m.shape) <= _SVD_ONE_THREAD_MAX and _passive_omp_wait():
+        return _intra_op_threads(1)
+    return contextlib.nullcontext()
+
+
 def _nuclear_norm(m: torch.Tensor, method: str | None = None) -> torch.Tensor:
     """Sum of singular values of a square matrix.
 
@@ -352,10 +360,8 @@ def _nuclear_norm(m: torch.Tensor, method: str | None = None) -> torch.Tensor:
     if method is None:
         method = "eig" if m.device.type == "cuda" else "svd"
     if method == "svd":
-        if m.device.type == "cpu" and m.shape[0] <= _SVD_ONE_THREAD_MAX and _passive_omp_wait():
-            with _intra_op_threads(1):
-                return torch.linalg.svdvals(m).sum()
-        return torch.linalg.svdvals(m).sum()
+        with _svd_threads(m):  # m is square
+            return torch.linalg.svdvals(m).sum()
     if method == "eig":
         return torch.linalg.eigvalsh(m.T @ m).clamp(min=0).sqrt().sum()
     raise ValueError(f"method must be 'svd' or 'eig'; got {method!r}")

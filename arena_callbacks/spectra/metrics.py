@@ -69,6 +69,8 @@ class Solver(NamedTuple):
 EXACT = Solver()
 #: The monitor's default: float32 where the weight lives, randomized top singular vectors.
 FAST = Solver(dtype=torch.float32, randomized=True, on_host=False)
+#: Exact float64 copies where the weight lives: how :mod:`.updates` builds W0 and W_ft.
+_WIDE = Solver(on_host=False)
 
 
 class PretrainedSVD(NamedTuple):
@@ -85,13 +87,10 @@ def pretrained_svd(w0: torch.Tensor, solver: Solver = EXACT) -> PretrainedSVD:
     On the CPU under ``OMP_WAIT_POLICY=PASSIVE`` a matrix up to 768 on its short side runs on one
     thread, for the reason :func:`arena_callbacks.geometry._nuclear_norm` gives.
     """
-    from ..geometry import _SVD_ONE_THREAD_MAX, _intra_op_threads, _passive_omp_wait
+    from ..geometry import _svd_threads
 
     w = _host(w0, solver)
-    if w.device.type == "cpu" and min(w.shape) <= _SVD_ONE_THREAD_MAX and _passive_omp_wait():
-        with _intra_op_threads(1):
-            u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    else:
+    with _svd_threads(w):
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return PretrainedSVD(u, s, vh.mT)
 
@@ -204,11 +203,10 @@ def _lowrank_top_left(svd: PretrainedSVD, B: torch.Tensor, A: torch.Tensor, u_b:
     """
     n, r = svd.s.numel(), B.shape[1]
     c = scaling * u_b  # n × r
-    perp = B - svd.u @ u_b
     parts_e, parts_f = [c], [svd.s.unsqueeze(1) * a_v.T]
     lam = svd.s.square()
     if svd.u.shape[0] > n:  # W0's columns do not span R^d_out: B may leave that space
-        r_perp = torch.linalg.qr(perp, mode="r").R
+        r_perp = torch.linalg.qr(B - svd.u @ u_b, mode="r").R
         parts_e.append(scaling * r_perp)
         parts_f.append(a_v.new_zeros(r, r))
         lam = torch.cat([lam, lam.new_zeros(r)])

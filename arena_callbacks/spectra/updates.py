@@ -15,7 +15,18 @@ import torch
 from torch import nn
 
 from .layers import _is_conv1d, _measurable_layers, _sample
-from .metrics import _CPU, _F64, EXACT, PretrainedSVD, Solver, _gathered, dense_update_metrics, lowrank_update_metrics
+from .metrics import (
+    _CPU,
+    _F64,
+    _WIDE,
+    EXACT,
+    PretrainedSVD,
+    Solver,
+    _gathered,
+    _host,
+    dense_update_metrics,
+    lowrank_update_metrics,
+)
 
 __all__ = ["DenseUpdate", "LayerUpdate", "LowRankUpdate", "layer_updates", "snapshot_weights"]
 
@@ -253,7 +264,7 @@ def _full_update(name: str, module: nn.Module, reference: Mapping[str, torch.Ten
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """Detached float64 copy on the tensor's own device (a sharded one gathered whole first)."""
-    return _gathered(t).to(dtype=_F64)
+    return _host(t, _WIDE)
 
 
 def _check_unmerged(name: str, module: nn.Module) -> None:
