@@ -1,5 +1,5 @@
 """Command line: ``arena-callbacks report <output_dir>``, ``compare <run>...``, ``rewind <output_dir>``,
-``run --config monitor.yaml -- <command>`` and ``hook install|uninstall|status``."""
+``run --config monitor.yaml -- <command>``, ``plan --model ... --monitor ...`` and ``hook install|uninstall|status``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -45,9 +46,54 @@ def _parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--config", required=True, help="the monitor YAML/JSON file (settings, probes, target)")
     x.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    _plan_parser(sub)
     h = sub.add_parser("hook", help="the .pth file behind `run` and ARENA_CALLBACKS_CONFIG (inert while unset)")
     h.add_argument("action", choices=["install", "uninstall", "status"])
     return p
+
+
+def _plan_parser(sub: Any) -> None:
+    from .planning.build import DTYPES, SHARDINGS
+    from .planning.hardware import CHOICES
+
+    q = sub.add_parser("plan", help="what a monitor config will cost on a model and training setup, before the run "
+                       "(docs/plan.md)")
+    q.add_argument("--model", required=True, help="a model folder, a config.json, or a hub id (its config only)")
+    q.add_argument("--monitor", required=True, help="the monitor YAML/JSON file (as for run --config)")
+    q.add_argument("--tokens-per-step", type=int, required=True, help="tokens per optimizer step, all accelerators")
+    q.add_argument("--seq-length", type=int, default=2048, help="tokens per training row (default 2048)")
+    q.add_argument("--accelerator", default="h100", help=f"one of {', '.join(CHOICES)} (default h100)")
+    q.add_argument("--num-accelerators", type=int, default=1)
+    q.add_argument("--sharding", default="ddp", help=f"one of {', '.join(SHARDINGS)} (default ddp)")
+    q.add_argument("--dtype", default=None, help=f"training weights: one of {', '.join(DTYPES)} (default bf16; "
+                   "fp32 on cpu)")
+    q.add_argument("--lora-rank", type=int, default=None, help="a LoRA finetune of this rank (default: full)")
+    q.add_argument("--lora-targets", nargs="+", default=["q_proj", "v_proj"],
+                   help="LoRA target modules (default q_proj v_proj; 'all-linear' for every linear)")
+    q.add_argument("--adapter-config", default=None, help="a PEFT adapter_config.json giving the LoRA rank and targets")
+    q.add_argument("--tokenizer", default=None, help="a local tokenizer folder (default: the model folder's)")
+    q.add_argument("--step-seconds", type=float, default=None, help="a measured training step, used as given")
+    q.add_argument("--no-calibrate", action="store_true", help="cpu: FLOPs over the measured matmul rate instead "
+                   "of timing slices of the model")
+    q.add_argument("--out", default=None, help="write the plan as JSON here")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .planning import PlanInputs, format_plan, make_plan
+
+    plan = make_plan(PlanInputs(
+        model=args.model, monitor=args.monitor, tokens_per_step=args.tokens_per_step, seq_length=args.seq_length,
+        accelerator=args.accelerator, num_accelerators=args.num_accelerators, sharding=args.sharding,
+        dtype=args.dtype, lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets),
+        adapter_config=args.adapter_config, tokenizer=args.tokenizer, step_seconds=args.step_seconds,
+        calibrate=not args.no_calibrate))
+    print(format_plan(plan))
+    if args.out:
+        Path(args.out).write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+        print(f"written {args.out}")
+    return 0
 
 
 def _run(config: str, cmd: list[str]) -> int:
@@ -92,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args.config, args.cmd)
         if args.command == "hook":
             return _hook(args.action)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "rewind":
             from .posthoc import rewind_run
 
