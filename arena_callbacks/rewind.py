@@ -1,9 +1,10 @@
 """Rewinding (docs/design.md §4): trainable states kept aside, and the path from the pretrained weights.
 
 A *trainable state* is ``{parameter name: CPU tensor}`` for the parameters that train
-(``requires_grad``): the adapter for PEFT models, every weight for full finetuning. Under FSDP2
-each rank keeps its own shard (the local tensor of a ``DTensor``) and restores it in place, so
-no gather is needed.
+(``requires_grad``): the adapter for PEFT models, every weight for full finetuning. Each rank
+keeps its own part and restores it in place, so no gather is needed: the whole tensor under
+DDP and ZeRO-1/2, the local shard under FSDP2, the fp32 master partition under DeepSpeed ZeRO-3
+(:mod:`~arena_callbacks.shards`).
 
 The **path** from the pretrained weights ``θ0`` (the trainable state at step 0) to the current
 ``θ1`` is followed per parameter:
@@ -45,22 +46,26 @@ from typing import Literal
 
 import torch
 
+from .shards import local_shapes, read_local, trainable_parameters, write_local
 from .tensors import load_state_file, save_state_file, state_bytes
 
 __all__ = [
     "PathRule",
     "Slot",
     "capture_state",
+    "check_state",
     "interpolate",
     "is_finite_state",
     "layer_depths",
     "layerwise_alphas",
+    "lora_b_names",
     "load_state",
     "load_state_file",
     "next_alpha",
     "path_rules",
     "save_state_file",
     "state_bytes",
+    "trainable_parameters",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,68 +78,41 @@ _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _EMBEDDING = re.compile(r"(embed|wte|wpe|word_embeddings|position_embeddings)")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The rank-local tensor of a ``DTensor`` (FSDP2), else the tensor itself."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-def _reshard(model: torch.nn.Module) -> None:
-    """FSDP2 may leave a module unsharded after a forward (the root by default): shard it back so
-    its registered parameters are the ``DTensor`` shards again."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
-def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The parameters that train, by name (the wrapper's ``module.`` prefix removed)."""
-    base = getattr(model, "module", model)
-    _reshard(base)
-    return {n: p for n, p in base.named_parameters() if p.requires_grad}
-
-
 def capture_state(model: torch.nn.Module, names: Sequence[str] | None = None) -> State:
-    """CPU copies of the trainable parameters (this rank's shard under FSDP2)."""
+    """CPU copies of this rank's part of the trainable parameters (:mod:`~arena_callbacks.shards`)."""
     params = trainable_parameters(model)
     keep = params if names is None else {n: params[n] for n in names}
-    with torch.no_grad():
-        return {n: _local(p.detach()).to("cpu", copy=True) for n, p in keep.items()}
+    return {n: read_local(p) for n, p in keep.items()}
 
 
 def load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the model's trainable parameters in place (same names, shapes).
+    """Copy ``state`` into this rank's part of the model's trainable parameters, in place.
 
-    Under DeepSpeed ZeRO-1/2 the optimizer's master weights (this rank's slice) are set as well.
+    Under DeepSpeed the optimizer's master weights are set as well (:func:`~arena_callbacks.shards.write_local`).
 
     Raises:
         ValueError: names or shapes differ from the model's trainable parameters; nothing is
             changed then.
     """
     params = trainable_parameters(model)
-    missing = sorted(set(params) - set(state))
-    unknown = sorted(set(state) - set(params))
+    check_state(state, local_shapes(params))
+    write_local(params, state)
+
+
+def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]], where: str = "rewind state"
+                ) -> None:
+    """Raise ``ValueError`` unless ``state`` has exactly these names and shapes."""
+    missing = sorted(set(shapes) - set(state))
+    unknown = sorted(set(state) - set(shapes))
     if missing or unknown:
         raise ValueError(
-            f"rewind state does not match the model's trainable parameters: missing {missing[:3]}"
+            f"{where} does not match the model's trainable parameters: missing {missing[:3]}"
             f"{'...' if len(missing) > 3 else ''}, unexpected {unknown[:3]}{'...' if len(unknown) > 3 else ''}"
         )
-    for n, p in params.items():
-        if tuple(_local(p).shape) != tuple(state[n].shape):
-            raise ValueError(f"rewind state: {n} has shape {tuple(state[n].shape)}, the model {tuple(_local(p).shape)}")
-    with torch.no_grad():
-        for n, p in params.items():
-            local = _local(p)
-            local.copy_(state[n].to(device=local.device, dtype=local.dtype))
-            # DeepSpeed ZeRO-1/2 keep a master copy of each rank's slice in the optimizer and copy
-            # it over the weights after every step: write it too, or the next step undoes this.
-            set_master = getattr(p, "set_full_hp_param", None)
-            if callable(set_master):
-                set_master(state[n].to(device=local.device))
+    for n, shape in shapes.items():
+        if tuple(state[n].shape) != tuple(shape):
+            raise ValueError(f"{where}: {n} has shape {tuple(state[n].shape)}, the model's part on this rank "
+                             f"{tuple(shape)} (was it kept under another world size or sharding?)")
 
 
 def is_finite_state(state: Mapping[str, torch.Tensor]) -> bool:
@@ -142,14 +120,23 @@ def is_finite_state(state: Mapping[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
-def path_rules(theta0: Mapping[str, torch.Tensor]) -> dict[str, PathRule]:
-    """How each parameter moves along the path (see the module docs)."""
+def lora_b_names(names: Sequence[str]) -> list[str]:
+    """The LoRA ``B`` factors among ``names``, sorted (the same list on every rank)."""
+    return sorted(n for n in names if _LORA_B.search(n))
+
+
+def path_rules(theta0: Mapping[str, torch.Tensor], nonzero: Mapping[str, bool] | None = None) -> dict[str, PathRule]:
+    """How each parameter moves along the path (see the module docs).
+
+    ``nonzero`` says which LoRA ``B`` factors started non-zero, where ``theta0`` holds only a part
+    of them (a shard or partition: every rank must pick the same rules); by default the tensors
+    in ``theta0`` decide.
+    """
     rules: dict[str, PathRule] = {n: "lerp" for n in theta0}
-    for n, t in theta0.items():
-        if not _LORA_B.search(n):
-            continue
+    for n in lora_b_names(list(theta0)):
         partner = _LORA_B.sub(lambda m: m.group(1).replace("_B", "_A"), n)
-        if partner in theta0 and not bool(t.any()):
+        started_nonzero = nonzero[n] if nonzero is not None else bool(theta0[n].any())
+        if partner in theta0 and not started_nonzero:
             rules[n] = "scale"
             rules[partner] = "keep"
     return rules

@@ -24,17 +24,21 @@ from .distributed import DistContext
 from .layout import CheckpointFiles
 from .measurements import Snapshot
 from .probes import ProbeFailure
+from .resources import ranks_per_node, rewind_plan
 from .rewind import (
     Slot,
     alphas_for,
     capture_state,
+    check_state,
     interpolate,
     is_finite_state,
     load_state,
+    lora_b_names,
     next_alpha,
     path_rules,
     trainable_parameters,
 )
+from .shards import check_writable, local_bytes, local_shapes
 from .sp import better_point, choose
 
 __all__ = ["Rewinder", "rewind_message", "sp_pair"]
@@ -62,29 +66,42 @@ class Rewinder:
         self.theta0: Slot | None = None
         self.best_metrics: dict[str, float] = {}
         self.rewinds: list[dict[str, Any]] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}  # this rank's part of each trainable parameter
 
     def setup(self, model: torch.nn.Module) -> None:
-        """Refuse what cannot be rewound, and decide where kept states live (at train start)."""
+        """Refuse what cannot be rewound, and decide where kept states live (at train start).
+
+        Raises:
+            ValueError: no trainable parameters, parts that cannot be written in place, or a rank
+                (any rank: all raise together) without the host memory or disk its kept states
+                and a rewind's working copies need (:func:`~arena_callbacks.resources.rewind_plan`).
+        """
         params = trainable_parameters(model)
-        if any(hasattr(p, "ds_id") for p in params.values()):
-            raise ValueError(
-                "budgets: action 'rewind' cannot restore weights in place under DeepSpeed ZeRO-3 (parameters are "
-                "partitioned outside the model); use ZeRO-2, DDP or FSDP2, or action 'stop' and rewind the saved "
-                "run afterwards with `arena-callbacks rewind <output_dir>`"
-            )
         if not params:
             raise ValueError("budgets: action 'rewind' needs trainable parameters, and the model has none")
+        check_writable(params)
+        self.shapes = local_shapes(params)
         cfg = self.config.rewind
-        size_mb = sum(p.numel() * p.element_size() for p in params.values()) / 2**20
-        in_memory = cfg.storage == "memory" or (cfg.storage == "auto" and size_mb <= cfg.max_memory_mb)
+        plan = rewind_plan(local_bytes(params), cfg, self.folder, ranks_per_node(self.ctx.world_size))
+        if self.ctx.any(plan.problem is not None):
+            raise ValueError(plan.problem or "budgets: action 'rewind': another rank lacks the host memory or disk "
+                             "its rewind needs (its error has the numbers)")
         rank = self.ctx.rank
-        self.best = Slot(self.folder / f"best-rank{rank}.safetensors", in_memory)
+        self.best = Slot(self.folder / f"best-rank{rank}.safetensors", plan.in_memory)
         self.theta0 = (
-            Slot(self.folder / f"theta0-rank{rank}.safetensors", in_memory) if cfg.mode in ("path", "layerwise")
+            Slot(self.folder / f"theta0-rank{rank}.safetensors", plan.in_memory) if cfg.mode in ("path", "layerwise")
             else None
         )
-        logger.info("arena-callbacks: rewind keeps %.1f MB of trainable state per kept point %s",
-                    size_mb, "in CPU memory" if in_memory else f"in {self.folder}")
+        logger.info("arena-callbacks: rewind keeps %.1f MB of trainable state per kept point on this rank %s",
+                    plan.state_bytes / 2**20, "in CPU memory" if plan.in_memory else f"in {self.folder}")
+
+    def _rules(self, theta0: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """:func:`~arena_callbacks.rewind.path_rules`, agreed on by every rank (each holds a part of each ``B``)."""
+        names = lora_b_names(list(theta0))
+        if not names or not self.ctx.active:
+            return path_rules(theta0)
+        flags = self.ctx.all_reduce_sum(torch.tensor([float(bool(theta0[n].any())) for n in names]))
+        return path_rules(theta0, nonzero={n: bool(f > 0) for n, f in zip(names, flags.tolist())})
 
     # ------------------------------------------------------------------ kept states
     def keep_start(self, model: torch.nn.Module, step: int) -> None:
@@ -175,7 +192,7 @@ class Rewinder:
         """
         assert self.theta0 is not None
         theta0 = self.theta0.get()
-        rules = path_rules(theta0)
+        rules = self._rules(theta0)
         names = list(theta1)
         probed = sorted({*self.config.rewind.alphas, *([0.0] if layerwise else [])})
         # (alpha, layer-wise?, metrics); the pretrained end is uniform whatever the mode.
@@ -251,6 +268,7 @@ class Rewinder:
         best = data.get("best")
         if self.best is not None and best is not None:
             self.best.restore(CheckpointFiles(folder).kept("best", rank), int(best["step"]))
+            check_state(self.best.get(), self.shapes, f"resume from {folder}: the kept best state")
             self.best_metrics = {k: float(v) for k, v in best["metrics"].items()}
         if self.theta0 is not None:
             path = CheckpointFiles(folder).kept("theta0", rank)
@@ -258,6 +276,7 @@ class Rewinder:
                 raise ValueError(f"resume from {folder}: rewind.mode {self.config.rewind.mode!r} needs the step-0 "
                                  f"state {path.name}, which the checkpoint does not hold (was the mode changed?)")
             self.theta0.restore(path, int(data.get("theta0_step") or 0))
+            check_state(self.theta0.get(), self.shapes, f"resume from {folder}: the kept step-0 state")
 
 
 def sp_pair(metrics: dict[str, float]) -> dict[str, float | None]:

@@ -618,12 +618,76 @@ def test_deepspeed_zero3_via_accelerate_probes_and_geometry_match_single_process
     _assert_ds_run(zero3_run, stage=3)
 
 
-def test_deepspeed_zero3_refuses_rewind_at_train_start_on_every_rank(zero3_run):
+def test_deepspeed_zero3_rewind_budgets_start_on_every_rank(zero3_run):
     _, ranks, _ = zero3_run
     for r in ranks:
-        assert r["rewind"]["raised"] == "ValueError"
-        assert "ZeRO-3" in r["rewind"]["message"] and "arena-callbacks rewind" in r["rewind"]["message"]
-        assert r["rewind"]["probed"] is False  # refused before any (collective) forward
+        assert r["rewind"]["raised"] is None and r["rewind"]["probed"] is True
+
+
+@pytest.fixture(scope="module")
+def zero3_rewind_run(tmp_path_factory):
+    _require_deepspeed()
+    out = tmp_path_factory.mktemp("zero3_rewind")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [
+        str(accelerate) if accelerate.exists() else "accelerate", "launch", "--config_file", str(ZERO3_YAML),
+        "--num_processes", "2", "--main_process_port", str(_free_port()),
+        str(SCRIPTS / "zero3_rewind.py"), str(out), "--use_cpu", "true",
+    ]
+    env = {**_ds_env(out), "HF_HOME": str(out / "hf_home")}
+    _run_all([(cmd, env)], [out / "launch.txt"], DS_TIMEOUT_S)
+    _assert_no_op_compiled(out / "launch.txt")
+    return out
+
+
+def _interpolation_f64(theta0: dict, theta1: dict, alpha: float) -> dict:
+    """The path point at ``α`` (docs/design.md §4), computed whole in float64: LoRA ``B`` (zero at
+    the start) scaled with ``A`` kept, everything else ``θ0 + α(θ1 − θ0)``."""
+    out = {}
+    for n, t1 in theta1.items():
+        t0, t1d = theta0[n].double(), t1.double()
+        if "lora_B" in n:
+            ref = alpha * t1d
+        elif "lora_A" in n:
+            ref = t1d
+        else:
+            ref = t0 + alpha * (t1d - t0)
+        out[n] = ref.to(t1.dtype)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_deepspeed_zero3_rewinds_resumes_and_rewinds_again_exactly(zero3_rewind_run, kind):
+    folder = zero3_rewind_run / kind
+    r0, r1 = _read_ranks(folder)
+    # Two ranks of one ZeRO-3 engine, the trainable parameters really partitioned.
+    assert r0["world_size"] == r1["world_size"] == 2 and r0["backend"] == "gloo"
+    for r in (r0, r1):
+        assert r["engine_zero_stage"] == 3 and r["partitioned"]
+        assert r["local_numel"] < r["full_numel"] <= r0["local_numel"] + r1["local_numel"]
+    assert all("lora_" in n for n in r0["trainable"]) == (kind == "lora")
+    # Run A rewound at step 2 and saved checkpoint-2; run B resumed from it (one rewind restored)
+    # and rewound again at step 4: the same on both ranks.
+    assert r0["global_step_a"] == 2 and r0["global_step_b"] == 4 and r0["restored_rewinds"] == 1
+    assert [w["number"] for w in r0["rewinds_a"]] == [1]
+    assert [(w["number"], w["at_step"]) for w in r0["rewinds_b"]] == [(1, 2), (2, 4)]
+    assert r0["rewinds_b"] == r1["rewinds_b"] and r0["history_b"] == r1["history_b"]
+    # The kept states came back from the checkpoint unchanged, each rank's θ0 its own slice.
+    for r in (r0, r1):
+        assert r["best_round_trip"] and r["theta0_round_trip"] and r["theta0_is_my_slice"]
+    # Each rewind left exactly the float64 interpolation between θ0 and the weights it started from,
+    # in the fp32 master weights and in the weights the forward gathers.
+    saved = torch.load(folder / "rewinds.pt", weights_only=True)
+    assert len(saved["rewinds"]) == 2
+    for rec, info in zip(saved["rewinds"], r0["rewinds_b"]):
+        alpha = info["alpha"]
+        assert 0.0 < alpha < 1.0, "an interior point was chosen, so the interpolation is really tested"
+        want = _interpolation_f64(saved["theta0"], rec["theta1"], alpha)
+        assert sorted(want) == sorted(rec["after_master"]) == sorted(r0["trainable"])
+        for n, w in want.items():
+            assert torch.equal(rec["after_master"][n], w), n
+            assert torch.equal(rec["after_forward"][n], w), n
+        assert any(not torch.equal(rec["theta1"][n], want[n]) for n in want)  # the rewind moved the weights
 
 
 def test_deepspeed_zero2_via_trainer_config_probes_and_geometry_match_single_process(zero2_run):

@@ -67,8 +67,9 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def rewind_refusal(trainer, tok) -> dict:
-    """Start a monitor whose budget rewinds on this (trained, maybe partitioned) model."""
+def rewind_start(trainer, tok) -> dict:
+    """Start a monitor whose budget rewinds on this (trained, maybe partitioned) model: it must
+    start (and probe its baseline) under every ZeRO stage."""
     from transformers import TrainerControl, TrainerState
 
     from arena_callbacks import ForgettingMonitor
@@ -153,7 +154,7 @@ def main(argv: list[str]) -> None:
         "history": [s.to_json() for s in monitor.history.snapshots],
         "history_path": str(monitor.history.path) if monitor.history.path is not None else None,
         "final_checksum": [float(v.double().sum()) for v in state.values()],
-        "rewind": rewind_refusal(trainer, tok),
+        "rewind": rewind_start(trainer, tok),
         "master_synced": rewind_master_sync(trainer, tok),  # last: it moves the weights back to step 0
     }
     if grouped:
