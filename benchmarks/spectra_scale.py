@@ -146,6 +146,7 @@ def seven_b(args: argparse.Namespace) -> dict[str, Any]:
     """Single 7B-sized layers here, and a Llama-2-7B pass from them (float32, the monitor's solver)."""
     import torch
 
+    from arena_callbacks.planning import spectra_layer_cost
     from arena_callbacks.spectra import FAST, PretrainedSVD, lowrank_update_metrics, top_singular
 
     out: dict[str, Any] = {"shapes": {}, "rank": args.rank}
@@ -165,11 +166,12 @@ def seven_b(args: argparse.Namespace) -> dict[str, Any]:
         t = time.perf_counter()
         top_singular(w + 2.0 * (b @ a), 10, FAST)  # a dense update's intruders (full finetuning, OFT)
         row["dense_top10_s"] = time.perf_counter() - t
-        n = min(d_out, d_in)
-        row["w0_svd_flop"] = 4 * max(d_out, d_in) * n**2 + 8 * n**3  # Golub–Van Loan: thin SVD with U and V
-        row["lora_pass_flop"] = 2 * 2 * n * (d_out + d_in) * args.rank  # U0ᵀB and A V0 dominate
-        row["dense_top10_flop"] = 2 * d_out * d_in * 20 * (2 * FAST.power_iterations + 2)
-        row["cache_bytes_fp32"] = 4 * n * (d_out + d_in)
+        # The on-paper counts are the planner's (arena-callbacks plan uses the same function).
+        cost = spectra_layer_cost(d_out, d_in, args.rank, k=10, power_iterations=FAST.power_iterations)
+        row["w0_svd_flop"] = cost["w0_svd_flop"]  # Golub–Van Loan: thin SVD with U and V
+        row["lora_pass_flop"] = cost["lora_pass_flop"]  # U0ᵀB and A V0 dominate
+        row["dense_top10_flop"] = cost["dense_pass_flop"]
+        row["cache_bytes_fp32"] = cost["cache_bytes"]
         out["shapes"][f"{d_out}x{d_in}"] = row
         del u, sv, vh, svd
     per_block = [out["shapes"][f"{max(o, i)}x{min(o, i)}"] for o, i in LLAMA7B]
