@@ -201,7 +201,7 @@ def test_json_round_trip_and_cli(setup, tmp_path, capsys):
 def test_cpu_plan_times_the_model_itself(setup):
     """The tiny model (2 layers) is timed whole on this CPU; no assertion on the seconds themselves."""
     plan = plan_of(setup, accelerator="cpu", repeats=1)
-    assert plan["accelerator"]["timing"]["probe"] == "timed on slices"
+    assert plan["accelerator"]["timing"]["probe"] == "timed whole, random weights"
     assert plan["probes"]["seconds"] > 0 and plan["training"]["step_seconds"] > 0
     flops = plan_of(setup, accelerator="cpu", calibrate=False)
     assert flops["accelerator"]["timing"]["probe"] == "flops"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,8 +158,8 @@ def make_plan(inputs: PlanInputs) -> dict[str, Any]:
             if ref_s:
                 ref_s *= probe_fit["seconds"] / probe_s
             probe_s, step_s = probe_fit["seconds"], train_fit["seconds"]
-            method = {"probe": "timed on slices", "train": "timed on slices", "probe_fit": probe_fit,
-                      "train_fit": train_fit}
+            how = "timed whole, random weights" if math.isnan(probe_fit["per_layer"]) else "timed on slices"
+            method = {"probe": how, "train": how, "probe_fit": probe_fit, "train_fit": train_fit}
     if inputs.step_seconds is not None:
         step_s, method["train"] = inputs.step_seconds, "given (--step-seconds)"
     hw["timing"] = method
@@ -220,11 +221,11 @@ def _tokenizer(inputs: PlanInputs) -> tuple[Any, str]:
 
 def _calibrate(config: Any, inputs: PlanInputs, runner: Any, facts: Any,
                dtype: str) -> tuple[dict[str, float], dict[str, float]] | None:
-    """Probe pass and training step timed on slices of the model (see :mod:`.calibrate`)."""
-    from .calibrate import MAX_SLICE_PARAMS, fit_layers, probe_work, time_on_slices, train_work
+    """Probe pass and training step timed on this CPU, on the model or its slices (see :mod:`.calibrate`)."""
+    from .calibrate import MAX_SLICE_PARAMS, MAX_WHOLE_PARAMS, fit_layers, probe_work, time_on_slices, train_work
 
     per_layer = facts.body / max(facts.layers, 1)
-    depths = (facts.layers,) if facts.layers <= 4 else (1, 4)
+    depths = (facts.layers,) if facts.layers <= 4 or facts.params <= MAX_WHOLE_PARAMS else (1, 4)
     if facts.params - facts.body + max(depths) * per_layer > MAX_SLICE_PARAMS:
         return None
     rows = max(1, inputs.tokens_per_step // inputs.num_accelerators // inputs.seq_length)

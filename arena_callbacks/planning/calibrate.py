@@ -1,12 +1,14 @@
 """Timing on this CPU at the plan's own shapes: the probe pass and the training step.
 
 A CPU's speed depends on shapes, threads and per-forward overheads far more than a GPU's peak
-does, so a ``cpu`` plan measures instead of dividing FLOPs by a peak: it builds slices of the
-model from its config (``1`` and ``min(layers, 4)`` decoder layers, random weights, the LoRA
-adapter of the plan), runs the monitor's real probe pass over the planned rows (the slowest
-rank's) and training steps of the planned batch on them, interleaved, and extrapolates
-``t(L) = fixed + L · per_layer`` to the model's depth. A model of at most 4 layers is timed
-whole. Nothing is downloaded; the weights are random, which costs the same.
+does, so a ``cpu`` plan measures instead of dividing FLOPs by a peak: it builds the model from
+its config with random weights (and the LoRA adapter of the plan), runs the monitor's real probe
+pass over the planned rows (the slowest rank's) and training steps of the planned batch on it,
+interleaved, and takes the medians. A model above :data:`MAX_WHOLE_PARAMS` parameters is timed
+on slices of ``1`` and ``4`` decoder layers instead, extrapolated as
+``t(L) = fixed + L · per_layer`` (on a busy machine the extrapolation multiplies the noise of
+the difference, which is why small models are timed whole). Nothing is downloaded; random
+weights cost the same.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 
 __all__ = ["fit_layers", "time_on_slices"]
 
+#: Models up to this many parameters are timed whole.
+MAX_WHOLE_PARAMS = 400_000_000
 #: Slices bigger than this (parameters) are not built: the plan falls back to FLOPs.
 MAX_SLICE_PARAMS = 1_500_000_000
 

@@ -48,7 +48,7 @@ def plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                  f"{hw['efficiency']['spectra']:.0%} of peak")
     else:
         speed = (f"{hw['count']} × cpu ({hw['sharding']}, {hw['dtype']}); matmul measured "
-                 f"{hw['measured_matmul_flops'] / 1e9:.1f} GFLOP/s; probe pass and step {timing['probe']}")
+                 f"{hw['measured_matmul_flops'] / 1e9:.1f} GFLOP/s; probe pass and step: {timing['probe']}")
     rows = [
         ("model", f"{m['model_type']}, {m['layers']} layers, hidden {m['hidden']}, {m['params'] / 1e9:.3g} B "
                   f"parameters; {m['finetuning']}: {m['trainable'] / 1e6:.3g} M trainable"),
