@@ -243,14 +243,14 @@ class GeometryTracker:
 
         model = getattr(model, "module", model)
         probes = self.runner.probes
+        # Generative probes run no teacher-forced forward to capture from.
+        caps = [n for n in probes if n != TARGET and probes[n].kind != "generate"]
         if self.config.probes is not None:
-            unknown = [p for p in self.config.probes if p not in probes or p == TARGET]
+            unknown = [p for p in self.config.probes if p not in caps]
             if unknown:
-                known = [p for p in probes if p != TARGET]
-                raise ValueError(f"geometry.probes: {unknown} are not capability probes; known: {known}")
+                raise ValueError(f"geometry.probes: {unknown} are not teacher-forced capability probes; known: {caps}")
             names = list(self.config.probes)
         else:
-            caps = [n for n in probes if n != TARGET]
             names = [n for n in caps if probes[n].kind == "text"] or caps
         if not names:
             raise ValueError("geometry: needs at least one capability probe (the target probe is not used)")

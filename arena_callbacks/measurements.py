@@ -119,14 +119,19 @@ def expected_keys(probes: Mapping[str, ProbeSet], has_target: bool) -> list[str]
     keys = ["probe/seconds"]
     capabilities = [p for n, p in probes.items() if n != TARGET]
     for p in capabilities:
+        if p.kind == "generate":  # no NLL: the answers are the model's own
+            keys += [f"score/{p.name}", f"retention_score/{p.name}", f"retention/{p.name}",
+                     f"gen/length/{p.name}", f"gen/stopped/{p.name}"]
+            continue
         keys += [f"nll/{p.name}", f"delta_nll/{p.name}", f"retention_nll/{p.name}", f"retention/{p.name}"]
         if p.scored:
             keys += [f"score/{p.name}", f"retention_score/{p.name}"]
     if capabilities:
         keys.append("sp/stability")
     if has_target:
-        keys += ["target/nll", "target/delta_nll", "sp/plasticity"]
-        if probes[TARGET].scored:
+        keys += ["target/score", "sp/plasticity"] if probes[TARGET].kind == "generate" else \
+            ["target/nll", "target/delta_nll", "sp/plasticity"]
+        if probes[TARGET].scored and probes[TARGET].kind != "generate":
             keys.append("target/score")
         if capabilities:
             keys += list(SP_KEYS)
@@ -151,6 +156,11 @@ def build_snapshot(
         if name == TARGET:
             continue
         b = baseline[name]
+        if r.kind == "generate":
+            ret = _generative(m, name, r, b)
+            if math.isfinite(ret):  # no baseline score: nothing to retain, and no NLL to fall back on
+                retentions.append(ret)
+            continue
         d = r.nll - b.nll
         m[f"nll/{name}"] = r.nll
         m[f"delta_nll/{name}"] = d
@@ -170,7 +180,12 @@ def build_snapshot(
     if retentions:
         agg = min if stability == "min" else (lambda xs: sum(xs) / len(xs))
         m["sp/stability"] = agg(retentions)
-    if TARGET in results:
+    if TARGET in results and results[TARGET].kind == "generate":
+        r, b = results[TARGET], baseline[TARGET]
+        m["target/score"] = r.score if r.score is not None else math.nan
+        t, t0 = m["target/score"], b.score if b.score is not None else math.nan
+        m["sp/plasticity"] = (t / t0 if t0 > 0 else math.nan) if plasticity == "ratio" else t - t0
+    elif TARGET in results:
         r, b = results[TARGET], baseline[TARGET]
         m["target/nll"] = r.nll
         m["target/delta_nll"] = r.nll - b.nll
@@ -188,6 +203,17 @@ def build_snapshot(
             m["sp/plasticity"] = t - t0
     m.update(standard_errors(m, results, baseline, probes, stability=stability, plasticity=plasticity))
     return m
+
+
+def _generative(m: dict[str, float], name: str, r: ProbeResult, b: ProbeResult) -> float:
+    """A generative probe's keys into ``m``; returns its retention (score over the baseline's)."""
+    score = r.score if r.score is not None else math.nan
+    m[f"score/{name}"] = score
+    m[f"gen/length/{name}"] = r.gen_length if r.gen_length is not None else math.nan
+    m[f"gen/stopped/{name}"] = r.stopped if r.stopped is not None else math.nan
+    ret = score / b.score if b.score is not None and b.score > 0 else math.nan
+    m[f"retention_score/{name}"] = m[f"retention/{name}"] = ret
+    return ret
 
 
 def standard_errors(
@@ -209,6 +235,17 @@ def standard_errors(
             continue
         d_nll = stats.nll_change_se(r.rows, b.rows)
         se[stats.rows_key(name)[len(stats.STDERR_PREFIX):]] = float(len(r.rows))
+        if r.kind == "generate":  # the score alone (per-row scores may be fractions: same formulas)
+            score_se, ratio_se = stats.score_change_se(r.rows, b.rows), stats.ratio_se(r.rows, b.rows)
+            if name == TARGET:
+                se["target/score"] = score_se
+                se["sp/plasticity"] = ratio_se if plasticity == "ratio" else score_se
+            else:
+                se[f"score/{name}"] = score_se
+                se[f"retention_score/{name}"] = se[f"retention/{name}"] = ratio_se
+                if math.isfinite(m.get(f"retention/{name}", math.nan)):
+                    parts[name] = ratio_se
+            continue
         if name == TARGET:
             se["target/nll"] = se["target/delta_nll"] = d_nll
             if r.score is not None:
@@ -233,7 +270,9 @@ def standard_errors(
             if score_signal(probes[name], b):
                 ret_se = se[f"retention_score/{name}"]  # the signal build_snapshot chose
         se[f"retention/{name}"] = parts[name] = ret_se
-    capabilities = [n for n in results if n != TARGET]
+    # (A generative probe without a baseline score is left out of the stability, as above.)
+    capabilities = [n for n, r in results.items() if n != TARGET
+                    and (r.kind != "generate" or math.isfinite(m.get(f"retention/{n}", math.nan)))]
     if stability == "mean" and capabilities and set(parts) == set(capabilities):
         se["sp/stability"] = stats.mean_se(parts)
     # No key where no error can be estimated (fewer than two rows): a budget then compares plainly.

@@ -1,12 +1,14 @@
-"""Probe data: the three kinds, loading rows, validation, and :class:`Probe` / :class:`ProbeSet`.
+"""Probe data: the kinds, loading rows, validation, and :class:`Probe` / :class:`ProbeSet`.
 
-Three kinds (the probes of docs/design.md), told apart by their fields unless named explicitly:
+Four kinds (the probes of docs/design.md), told apart by their fields unless named explicitly:
 
 * ``text``: ``{"text": ...}``: mean token negative log-likelihood.
 * ``multiple_choice``: ``{"context"|"question": ..., "choices": [...], "answer"|"label": i}``:
   log-likelihood ranking of the choices, accuracy; NLL of the correct choice.
 * ``completion``: ``{"prompt": ..., "completion": ...}``: teacher-forced exact match of the
   answer span (every answer token is the greedy prediction) and answer NLL.
+* ``generate``: ``{"prompt"|"messages": ..., "answer"|"target": ...}``: the model writes its own
+  answer (greedy, :mod:`.generate`), judged by the probe's scorer (:mod:`.scorers`); no NLL.
 
 Conversational rows, rendered with the tokenizer's chat template when they are tokenised:
 ``{"messages": [{"role": ..., "content": ...}, ...]}`` is a ``completion`` row when its last
@@ -28,8 +30,8 @@ from typing import Any, Literal
 from ..config import ProbeSettings
 from ..exceptions import ProbeDataError
 
-ProbeKind = Literal["text", "multiple_choice", "completion"]
-KINDS: tuple[str, ...] = ("text", "multiple_choice", "completion")
+ProbeKind = Literal["text", "multiple_choice", "completion", "generate"]
+KINDS: tuple[str, ...] = ("text", "multiple_choice", "completion", "generate")
 CONTEXT_FIELDS = ("context", "question")
 ANSWER_FIELDS = ("answer", "label")
 
@@ -40,9 +42,17 @@ class Probe:
 
     Args:
         data: A ``datasets.Dataset``, a list of dicts, or a path to a JSONL (or JSON list) file.
-        kind: ``text``, ``multiple_choice`` or ``completion``; inferred from the fields if ``None``.
+        kind: ``text``, ``multiple_choice``, ``completion`` or ``generate``; inferred from the
+            fields if ``None``.
         signal: What ``retention/<name>`` follows for scored kinds: ``score`` (accuracy or exact
-            match relative to baseline) or ``nll`` (``exp(-ΔNLL)``). Text probes always use NLL.
+            match relative to baseline) or ``nll`` (``exp(-ΔNLL)``). Text probes always use NLL,
+            generative ones always the score.
+        scorer: ``generate`` only: how an answer is judged, a built-in name (``exact_match``,
+            ``contains``, ``last_number``), ``{"regex": pattern}`` or a callable
+            ``(prompt, generation, row) -> float`` (:mod:`.scorers`).
+        max_new_tokens: ``generate`` only: the longest answer, in tokens (at least 1).
+        stop: ``generate`` only: strings that end an answer (cut before them); the model's end
+            of sequence token always does.
 
     Example:
         >>> Probe([{"prompt": "2+2=", "completion": "4"}], signal="nll").kind is None
@@ -52,6 +62,32 @@ class Probe:
     data: Any
     kind: ProbeKind | None = None
     signal: Literal["score", "nll"] = "score"
+    scorer: Any = "exact_match"
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] | list[str] = ()
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How a ``generate`` probe writes and judges its answers (see :class:`Probe`)."""
+
+    scorer: Any = "exact_match"
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def check(cls, name: str, scorer: Any, max_new_tokens: Any, stop: Any) -> Generation:
+        from .scorers import make_scorer
+
+        make_scorer(scorer, where=f"probe {name!r}: scorer")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ProbeDataError(f"probe {name!r}: max_new_tokens must be an integer of at least 1, got "
+                                 f"{max_new_tokens!r}")
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) and x for x in stop):
+            raise ProbeDataError(f"probe {name!r}: stop must be a list of non-empty strings, got {stop!r:.80}")
+        return cls(scorer, max_new_tokens, tuple(stop))
 
 
 def load_rows(data: Any, name: str) -> list[dict[str, Any]]:
@@ -102,12 +138,14 @@ def _infer_kind(rows: list[dict[str, Any]], name: str) -> str:
         return "multiple_choice"
     if "prompt" in first and "completion" in first:
         return "completion"
+    if "prompt" in first and any(f in first for f in ("answer", "target")):
+        return "generate"
     if "text" in first:
         return "text"
     raise ProbeDataError(
         f"probe {name!r}, row 0: cannot tell the probe kind from fields {sorted(first)}; expected 'text' "
-        "(text), 'context'/'question' + 'choices' + 'answer' (multiple_choice) or 'prompt' + 'completion' "
-        "(completion), or pass Probe(data, kind=...)"
+        "(text), 'context'/'question' + 'choices' + 'answer' (multiple_choice), 'prompt' + 'completion' "
+        "(completion) or 'prompt' + 'answer' (generate), or pass Probe(data, kind=...)"
     )
 
 
@@ -128,15 +166,16 @@ class ProbeSet:
     rows: list[dict[str, Any]]
     row_ids: list[int]
     signal: str = "score"
+    generation: Generation | None = None
 
     @classmethod
     def build(cls, name: str, data: Any, settings: ProbeSettings) -> ProbeSet:
         """Load, sample (seeded, ``max_examples``) and validate a probe's rows."""
         if not isinstance(name, str) or not name or "/" in name or name != name.strip():
             raise ProbeDataError(f"probe name {name!r}: use a non-empty name without '/' or surrounding spaces")
-        kind, signal = None, "score"
+        kind, signal, spec = None, "score", Probe(None)
         if isinstance(data, Probe):
-            kind, signal, data = data.kind, data.signal, data.data
+            kind, signal, spec, data = data.kind, data.signal, data, data.data
         if kind is not None and kind not in KINDS:
             raise ProbeDataError(f"probe {name!r}: kind {kind!r} is not one of {list(KINDS)}")
         if signal not in ("score", "nll"):
@@ -145,13 +184,15 @@ class ProbeSet:
         if not rows:
             raise ProbeDataError(f"probe {name!r}: the probe set is empty; give it at least one row")
         kind = kind or _infer_kind(rows, name)
+        generation = Generation.check(name, spec.scorer, spec.max_new_tokens, spec.stop) if kind == "generate" else None
         ids = list(range(len(rows)))
         if settings.max_examples is not None and len(rows) > settings.max_examples:
             ids = sorted(random.Random(settings.seed).sample(ids, settings.max_examples))
         chosen = [rows[i] for i in ids]
         for i, row in zip(ids, chosen):
-            _validate_row(name, kind, i, row)
-        return cls(name=name, kind=kind, rows=chosen, row_ids=ids, signal="nll" if kind == "text" else signal)
+            _validate_row(name, kind, i, row, generation)
+        signal = {"text": "nll", "generate": "score"}.get(kind, signal)
+        return cls(name=name, kind=kind, rows=chosen, row_ids=ids, signal=signal, generation=generation)
 
     @property
     def scored(self) -> bool:
@@ -162,7 +203,7 @@ def _present(row: dict[str, Any]) -> list[str]:
     return sorted(k for k, v in row.items() if v is not None)
 
 
-def _validate_row(name: str, kind: str, i: int, row: dict[str, Any]) -> None:
+def _validate_row(name: str, kind: str, i: int, row: dict[str, Any], generation: Generation | None = None) -> None:
     def fail(msg: str) -> None:
         raise ProbeDataError(f"probe {name!r} ({kind}), row {i}: {msg}")
 
@@ -179,6 +220,20 @@ def _validate_row(name: str, kind: str, i: int, row: dict[str, Any]) -> None:
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 fail(f"{field_name}[{j}] needs string 'role' and 'content', got {dict(m)!r:.80}")
 
+    if kind == "generate":
+        assert generation is not None
+        if is_conversation(row.get("messages")):
+            need_messages("messages", row["messages"])
+            if row["messages"][-1]["role"] == "assistant":
+                fail("a generative row's messages end before the answer the model writes (not with the assistant's)")
+        else:
+            need_text(*first_field(row, ["prompt"]), "'prompt' (or 'messages')")
+        from .scorers import TARGET_FIELDS, needs_target
+
+        if needs_target(generation.scorer) and first_field(row, TARGET_FIELDS)[0] is None:
+            fail(f"missing field 'answer' (or 'target'), which scorer {generation.scorer!r} compares with; fields "
+                 f"present: {_present(row)}")
+        return
     if "messages" in row and row["messages"] is not None:
         need_messages("messages", row["messages"])
         if kind == "completion" and (row["messages"][-1]["role"] != "assistant" or len(row["messages"]) < 2):

@@ -8,7 +8,7 @@ any has failed, and a failure anywhere raises :class:`ProbeFailure` on every ran
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +18,19 @@ from ..config import ProbeSettings
 from ..distributed import DistContext
 from .data import ProbeSet
 from .forward import Forwarder, Head, model_device, precision_context, without_mixed_precision_wrapper
+from .generate import Generated, decode_batch, eos_ids
 from .plan import Batch, BatchObserver, PlanOptions, pad_plan, plan_batches
-from .scoring import ProbeResult, ProbeSums, Scores, probe_result, row_values, sums_of
+from .scorers import make_scorer
+from .scoring import GenRow, ProbeResult, ProbeSums, Scores, probe_result, row_values, sums_of
 from .tokenize import Seq, tokenize_probe
+
+
+@dataclass(frozen=True)
+class GenBatch:
+    """Prompts of one generative probe decoded together (none: this rank idles along)."""
+
+    probe: str
+    seqs: tuple[Seq, ...] = ()
 
 
 class ProbeFailure(RuntimeError):
@@ -47,12 +57,16 @@ class ProbeRunner:
     Attributes:
         last_scores: After a scoring pass, the summed log-probability of every sequence this
             rank scored, by ``(probe, row index, choice)`` (choice 0 for text and completion).
+        last_generations: After a pass with generative probes, the answer to every row this
+            rank decoded, by ``(probe, row index)``.
     """
 
     probes: dict[str, ProbeSet]
     settings: ProbeSettings
     options: PlanOptions = field(default_factory=PlanOptions, kw_only=True)
     last_scores: dict[tuple[str, int, int], float] = field(default_factory=dict, init=False, repr=False)
+    last_generations: dict[tuple[str, int], Generated] = field(default_factory=dict, init=False, repr=False)
+    _tokenizer: Any = field(default=None, init=False, repr=False)
     _seqs: dict[str, list[Seq]] = field(default_factory=dict, init=False, repr=False)
     _pad_id: int = field(default=0, init=False, repr=False)
     _plans: dict[Any, list[Batch]] = field(default_factory=dict, init=False, repr=False)
@@ -71,6 +85,7 @@ class ProbeRunner:
             )
         self._seqs = {name: tokenize_probe(p, tokenizer, self.settings) for name, p in self.probes.items()}
         self._plans = {}
+        self._tokenizer = tokenizer
         pad = getattr(tokenizer, "pad_token_id", None)
         if pad is None:
             pad = getattr(tokenizer, "eos_token_id", None)
@@ -138,15 +153,35 @@ class ProbeRunner:
             error = e
         # The plan depends on the model only through whether it can continue from a cache,
         # which every rank decides alike (same model class).
-        batches = self._batches(ctx, only, share=fwd is not None and fwd.cache_arg is not None,
+        wanted = [n for n in self._seqs if only is None or n in only]
+        forced = [n for n in wanted if self.probes[n].kind != "generate"]
+        batches = self._batches(ctx, forced, share=fwd is not None and fwd.cache_arg is not None,
                                 pack=fwd is not None and fwd.mask_format is not None, forward_only=forward_only)
         batches = pad_plan(batches, ctx.all_reduce_max(len(batches)), self._seqs)
+        generative = [] if forward_only else [n for n in wanted if self.probes[n].kind == "generate"]
+        gen_batches = self._gen_batches(ctx, generative) if generative else []
+        if generative:
+            gen_batches += [GenBatch(generative[0])] * (ctx.all_reduce_max(len(gen_batches)) - len(gen_batches))
         scores = Scores()
+        gen: dict[str, dict[int, GenRow]] = {}
+        if generative:
+            self.last_generations = {}
         error = self._forwards(model, ctx, fwd, batches, scores, error, desc=desc, observer=observer,
-                               forward_only=forward_only, context=context)
+                               forward_only=forward_only, context=context, gen_batches=gen_batches, gen=gen)
         if observer is not None:
             observer.before_batch(None, [])
-        return self._reduce(ctx, scores, error, only=only, forward_only=forward_only)
+        return self._reduce(ctx, scores, error, only=only, forward_only=forward_only, gen=gen)
+
+    def _gen_batches(self, ctx: DistContext, names: list[str]) -> list[GenBatch]:
+        """This rank's rows of each generative probe (row ``i`` on rank ``i % world_size``),
+        longest prompts first, ``batch_size`` at a time."""
+        out = []
+        for name in names:
+            mine = sorted((s for s in self._seqs[name] if s.example % ctx.world_size == ctx.rank),
+                          key=lambda s: (-len(s.ids), s.example))
+            bs = self.settings.batch_size
+            out += [GenBatch(name, tuple(mine[k:k + bs])) for k in range(0, len(mine), bs)]
+        return out
 
     def _forwards(
         self,
@@ -161,15 +196,18 @@ class ProbeRunner:
         observer: BatchObserver | None,
         forward_only: bool,
         context: contextlib.AbstractContextManager[Any] | None,
+        gen_batches: Sequence[GenBatch] = (),
+        gen: dict[str, dict[int, GenRow]] | None = None,
     ) -> Exception | None:
-        """Run ``batches`` (all ranks alike), in eval mode, ``no_grad`` and the configured precision;
-        returns the first error (``error`` if given), and stops at any rank's error."""
+        """Run ``batches``, then decode ``gen_batches`` into ``gen`` (all ranks alike), in eval mode,
+        ``no_grad`` and the configured precision; returns the first error (``error`` if given),
+        and stops at any rank's error."""
         names = list(self._seqs)
         was_training = model.training
         show_bar = ctx.is_main and (
             self.settings.progress_bar
             if self.settings.progress_bar is not None
-            else len(batches) > self.settings.progress_min_batches
+            else len(batches) + len(gen_batches) > self.settings.progress_min_batches
         )
         model.eval()
         try:
@@ -183,7 +221,14 @@ class ProbeRunner:
                 except Exception as e:  # noqa: BLE001 - reported on every rank
                     error = error or e
                 head: Head | None = None
-                for batch in _progress(batches, show_bar, desc):
+                bar = _progress([*batches, *gen_batches], show_bar, desc)
+                for batch in bar:
+                    if isinstance(batch, GenBatch):
+                        head = None
+                        if ctx.any(error is not None):
+                            break
+                        error = self._decode(ctx, fwd, batch, gen if gen is not None else {})
+                        continue
                     # Agree before each forward: a rank that failed (say, out of memory in the
                     # log-softmax after its forward) must not leave a sharded model's other
                     # ranks waiting inside the next forward's collectives.
@@ -207,9 +252,31 @@ class ProbeRunner:
             model.train(was_training)
         return error
 
+    def _decode(self, ctx: DistContext, fwd: Forwarder | None, batch: GenBatch,
+                gen: dict[str, dict[int, GenRow]]) -> Exception | None:
+        """Decode one generative batch (every rank at once) and score its answers."""
+        probe = self.probes[batch.probe]
+        spec = probe.generation
+        assert spec is not None and fwd is not None
+        tok = self._tokenizer
+        try:
+            answers = decode_batch(fwd, [s.ids for s in batch.seqs], max_new_tokens=spec.max_new_tokens,
+                                   eos=eos_ids(fwd.model, tok), stop=spec.stop,
+                                   decode=lambda ids: tok.decode(ids, skip_special_tokens=True), ctx=ctx)
+            score = make_scorer(spec.scorer)
+            for s, a in zip(batch.seqs, answers):
+                row = probe.rows[s.example]
+                prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else tok.decode(s.ids)
+                self.last_generations[(batch.probe, s.example)] = a
+                gen.setdefault(batch.probe, {})[s.example] = GenRow(float(score(prompt, a.text, row)), len(a.ids),
+                                                                     a.stopped)
+        except Exception as e:  # noqa: BLE001 - reported on every rank
+            return e
+        return None
+
     def _reduce(
         self, ctx: DistContext, scores: Scores, error: Exception | None, *, only: Collection[str] | None,
-        forward_only: bool,
+        forward_only: bool, gen: dict[str, dict[int, GenRow]] | None = None,
     ) -> dict[str, ProbeResult]:
         """Sum every probe over the ranks (the pass's single collective after the forwards) and
         raise :class:`ProbeFailure` on every rank if any failed."""
@@ -227,9 +294,10 @@ class ProbeRunner:
             self.last_scores = {(names[p], ex, ch): v.logprob for (p, ex, ch), v in per_seq.items()}
             try:
                 for p_idx, name in enumerate(names):
-                    values = row_values(self.probes[name], p_idx, per_seq)
+                    mine = (gen or {}).get(name)
+                    values = row_values(self.probes[name], p_idx, per_seq, mine)
                     # (torch.tensor of Python floats is float32: the local sums are rounded to it.)
-                    sums[p_idx] = torch.tensor(list(sums_of(values)))
+                    sums[p_idx] = torch.tensor(list(sums_of(values, mine)))
                     for ex, value in values.items():
                         rows[starts[p_idx] + ex] = torch.tensor(value, dtype=torch.float64)
             except Exception as e:  # noqa: BLE001 - reported on every rank
@@ -249,7 +317,7 @@ class ProbeRunner:
         }
 
 
-def _progress(items: list[Batch], show: bool, desc: str) -> Iterator[Batch]:
+def _progress(items: list[Any], show: bool, desc: str) -> Iterator[Any]:
     if not show:
         yield from items
         return

@@ -34,6 +34,16 @@ class ProbeSums(NamedTuple):
     tokens: float
     correct: float
     examples: float
+    gen_tokens: float = 0.0  # generative probes: tokens written
+    stopped: float = 0.0  # generative probes: answers that ended on their own
+
+
+class GenRow(NamedTuple):
+    """One generative row: its score, the tokens written, and whether it ended on its own."""
+
+    score: float
+    tokens: int
+    stopped: bool
 
 
 class _Pending(NamedTuple):
@@ -86,6 +96,9 @@ class ProbeResult:
         rows: Per row of the probe, in row order: ``(summed NLL, scored tokens, correct)``
             (gathered from every rank), for the paired standard errors of :mod:`arena_callbacks.stats`;
             empty where not kept.
+        gen_length: Generative probes: mean tokens written per answer.
+        stopped: Generative probes: the share of answers that ended on their own (end of
+            sequence or a stop string) before ``max_new_tokens``.
     """
 
     name: str
@@ -95,15 +108,22 @@ class ProbeResult:
     examples: int
     tokens: int
     rows: tuple[tuple[float, float, float], ...] = ()
+    gen_length: float | None = None
+    stopped: float | None = None
 
     def __post_init__(self) -> None:  # rows read back from JSON are lists
         object.__setattr__(self, "rows", tuple(tuple(float(x) for x in r) for r in self.rows))
 
 
-def row_values(probe: ProbeSet, p_idx: int, per_seq: Mapping[Key, SeqScore]) -> dict[int, tuple[float, int, float]]:
-    """``(summed NLL, scored tokens, correct)`` of every row of probe ``p_idx`` this rank scored."""
+def row_values(
+    probe: ProbeSet, p_idx: int, per_seq: Mapping[Key, SeqScore], gen: Mapping[int, GenRow] | None = None
+) -> dict[int, tuple[float, int, float]]:
+    """``(summed NLL, scored tokens, correct)`` of every row of probe ``p_idx`` this rank scored
+    (generative rows, from ``gen``: ``(0, 0, score)``)."""
     kind = probe.kind
     out: dict[int, tuple[float, int, float]] = {}
+    if kind == "generate":
+        return {ex: (0.0, 0, float(g.score)) for ex, g in sorted((gen or {}).items())}
     for ex in sorted({ex for (p, ex, _) in per_seq if p == p_idx}):
         if kind == "text":
             seq = per_seq[(p_idx, ex, 0)]
@@ -121,12 +141,14 @@ def row_values(probe: ProbeSet, p_idx: int, per_seq: Mapping[Key, SeqScore]) -> 
     return out
 
 
-def sums_of(values: Mapping[int, tuple[float, int, float]]) -> ProbeSums:
-    """The sums of :func:`row_values`, in row order."""
+def sums_of(values: Mapping[int, tuple[float, int, float]], gen: Mapping[int, GenRow] | None = None) -> ProbeSums:
+    """The sums of :func:`row_values`, in row order (and of the generative rows ``gen``)."""
     nll_sum = tokens = correct = examples = 0.0
     for nll, n, c in values.values():
         nll_sum, tokens, correct, examples = nll_sum + nll, tokens + n, correct + c, examples + 1
-    return ProbeSums(nll_sum, tokens, correct, examples)
+    gen = gen or {}
+    return ProbeSums(nll_sum, tokens, correct, examples, float(sum(g.tokens for g in gen.values())),
+                     float(sum(g.stopped for g in gen.values())))
 
 
 def local_sums(probe: ProbeSet, p_idx: int, per_seq: Mapping[Key, SeqScore]) -> ProbeSums:
@@ -138,6 +160,7 @@ def probe_result(
     name: str, kind: str, sums: ProbeSums, rows: tuple[tuple[float, float, float], ...] = ()
 ) -> ProbeResult:
     """A probe's result from its sums over all ranks (and its rows, when gathered)."""
+    generative = kind == "generate" and sums.examples > 0
     return ProbeResult(
         name=name,
         kind=kind,
@@ -146,4 +169,6 @@ def probe_result(
         examples=int(sums.examples),
         tokens=int(sums.tokens),
         rows=rows,
+        gen_length=sums.gen_tokens / sums.examples if generative else None,
+        stopped=sums.stopped / sums.examples if generative else None,
     )

@@ -54,6 +54,9 @@ def tokenize_probe(probe: ProbeSet, tokenizer: Any, settings: ProbeSettings) -> 
             text = _render(probe, i, tokenizer, row["messages"]) if chat else row["text"]
             seqs.append(_text_seq(probe, i, text, tokenizer, settings, special=not chat))
             continue
+        if probe.kind == "generate":
+            seqs.append(_prompt_seq(probe, i, row, tokenizer, settings))
+            continue
         if chat:
             pairs = [_chat_pair(probe, i, row, tokenizer)]
         elif probe.kind == "completion":
@@ -88,6 +91,26 @@ def _chat_pair(probe: ProbeSet, i: int, row: dict[str, Any], tokenizer: Any) -> 
         raise ProbeDataError(f"probe {probe.name!r} ({probe.kind}), row {probe.row_ids[i]}: the chat template "
                              "does not render the conversation as its prompt followed by the answer")
     return context, full[len(context):]
+
+
+def _prompt_seq(probe: ProbeSet, i: int, row: dict[str, Any], tokenizer: Any, settings: ProbeSettings) -> Seq:
+    """A generative row's prompt (chat rows with the template's generation prompt); nothing is
+    scored (``start`` is its length). Prompt and answer must fit in ``max_length`` together; a
+    long prompt loses its beginning when truncated."""
+    assert probe.generation is not None
+    chat = is_conversation(row.get("messages"))
+    text = _render(probe, i, tokenizer, row["messages"], generation_prompt=True) if chat else row["prompt"]
+    ids = encode(tokenizer, text, special=not chat)
+    room = settings.max_length - probe.generation.max_new_tokens
+    if len(ids) > room:
+        if not settings.truncate or room < 1:
+            raise ProbeDataError(
+                f"probe {probe.name!r} (generate), row {probe.row_ids[i]}: a {len(ids)}-token prompt and "
+                f"max_new_tokens={probe.generation.max_new_tokens} exceed probe.max_length={settings.max_length}; "
+                "raise max_length, lower max_new_tokens, shorten the prompt, or set probe.truncate=true"
+            )
+        ids = ids[len(ids) - room:]
+    return Seq(tuple(ids), len(ids), i, 0)
 
 
 def _too_long(probe: ProbeSet, i: int, n: int, limit: int) -> ProbeDataError:
