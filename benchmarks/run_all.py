@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, machine  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ("probe_throughput", "geometry_spectra", "spectra_scale", "memory", "scaling", "overhead")
+SCRIPTS = ("probe_throughput", "geometry_spectra", "spectra_scale", "memory", "scaling", "overhead", "plan_check")
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -135,6 +136,28 @@ def memory_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
                  f"{s['lora_r16_q_v']['state_mb']:.2f} MB ({s['lora_r16_q_v']['auto_storage']}) / "
                  f"{s['full_finetuning']['state_mb']:.0f} MB ({s['full_finetuning']['auto_storage']})",
                  f"auto: memory ≤ {s['max_memory_mb']:.0f} MB", "n/a"))
+    return rows
+
+
+def plan_check_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
+    rows = []
+    tol = f"within {data['tolerance']:.0%}"
+    for name, r in data["results"].items():
+        reps = r["repeats"]
+        probe = ", ".join(f"{x['plan']['probe_seconds']:.3g}/{statistics.median(x['real']['probe_seconds']):.3g} s"
+                          for x in reps)
+        interval = ", ".join(f"{x['plan']['interval']}/{x['real']['interval']:.0f}" for x in reps)
+        step = ", ".join(f"{x['plan']['step_seconds']:.3g}/{x['real']['step_seconds']:.3g} s" for x in reps)
+        ok = abs(r["probe_ratio"] - 1) <= data["tolerance"]
+        rows += [
+            ("plan_check", f"{name}: planned / measured probe pass (cpu plan, then the run)",
+             f"{r['probe_ratio']:.2f} ({probe})", tol, verdict(ok)),
+            ("plan_check", f"{name}: planned / measured probe interval (overhead_budget {r['budget']:g})",
+             f"{r['interval_ratio']:.2f} ({interval} steps)", tol,
+             verdict(abs(r["interval_ratio"] - 1) <= data["tolerance"])),
+            ("plan_check", f"{name}: planned / measured training step", f"{r['step_ratio']:.2f} ({step})", "(info)",
+             "n/a"),
+        ]
     return rows
 
 
@@ -281,6 +304,8 @@ def report() -> Path:
         rows += scaling_rows(found["scaling"])
     if found["overhead"]:
         rows += overhead_rows(found["overhead"])
+    if found["plan_check"]:
+        rows += plan_check_rows(found["plan_check"])
     if cuda["probe_throughput"]:
         rows += throughput_rows(cuda["probe_throughput"], " (cuda)")
     if cuda["overhead"]:

@@ -250,3 +250,26 @@ def test_meta_model_allocates_nothing(setup):
 
     model = build_meta_model(load_config(setup["model"]), 4, ("q_proj",), torch.bfloat16)
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def _gen_plan_docs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "gen_plan_docs.py"
+    spec = importlib.util.spec_from_file_location("gen_plan_docs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_page_renders_from_the_stored_plans():
+    """docs/plan.md's table is what scripts/gen_plan_docs.py renders from docs/plan/results/*.json."""
+    assert _gen_plan_docs().main(["--check"]) == 0, "run: python scripts/gen_plan_docs.py (and commit the page)"
+
+
+def test_a_stored_plan_is_what_the_tool_makes_now():
+    """The Llama-3-8B plan on 8 H100s (LoRA) is remade from its config: the page stays true."""
+    gen = _gen_plan_docs()
+    name = "llama-3-8b-8xh100-lora"
+    assert gen.make(name) == gen.load(name), "run: python scripts/gen_plan_docs.py (and commit the plans)"

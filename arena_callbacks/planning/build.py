@@ -12,8 +12,15 @@ from typing import Any
 import torch
 
 from ..config import Action
-from .costs import geometry_cache_bytes, probe_interval, rewind_bytes, spectra_layer_cost, training_share
-from .hardware import CHOICES, EFFICIENCY, HOST_FLOOR, accelerator, measure_cpu_flops
+from .costs import (
+    geometry_cache_bytes,
+    geometry_metric_flops,
+    probe_interval,
+    rewind_bytes,
+    spectra_layer_cost,
+    training_share,
+)
+from .hardware import CHOICES, EFFICIENCY, HOST_FLOOR, HOST_FP64_FLOPS, accelerator, measure_cpu_flops
 from .model import PlanError, build_meta_model, load_config, model_facts
 from .probes import ApproxTokenizer, pass_counts, probe_runner
 
@@ -127,7 +134,8 @@ def make_plan(inputs: PlanInputs) -> dict[str, Any]:
     factor = 4 if lora else 6  # forward 2, activation gradients 2, weight gradients 2 (full only)
     attention = facts.layers * facts.attention_width * min(inputs.seq_length, inputs.tokens_per_step)
     train_flops = factor * (facts.body + facts.head + attention) * inputs.tokens_per_step / world
-    plan: dict[str, Any] = {"version": PLAN_VERSION, "inputs": asdict(inputs), "tokenizer": tokenizer_label}
+    given = {**asdict(inputs), "lora_targets": list(inputs.lora_targets)}
+    plan: dict[str, Any] = {"version": PLAN_VERSION, "inputs": given, "tokenizer": tokenizer_label}
     hw: dict[str, Any] = {"name": inputs.accelerator.lower(), "count": world, "sharding": inputs.sharding,
                           "dtype": dtype_name, "probe_compute_dtype": compute}
     if acc is not None:
@@ -176,7 +184,7 @@ def make_plan(inputs: PlanInputs) -> dict[str, Any]:
         "flops_per_rank": flops_of(slowest), "flops_all_ranks": sum(flops_of(c) for c in counts["ranks"]),
         "seconds": probe_s,
     }
-    plan["geometry"] = _geometry(geometry, facts, cfg, counts, flops_of, ref_s)
+    plan["geometry"] = _geometry(geometry, facts, cfg, counts, flops_of, ref_s, acc is None)
     plan["spectra"] = _spectra(facts, cfg, inputs.lora_rank, spectra_rate, DTYPES[dtype_name].itemsize)
     has_rewind = any(b.action is Action.REWIND for b in cfg.budgets)
     plan["rewind"] = {"budget_present": has_rewind, "mode": cfg.rewind.mode, "trainable_bytes": facts.trainable_bytes,
@@ -252,21 +260,26 @@ def _rank_runner(runner: Any, tokenizer: Any, rank: int, world: int) -> Any:
 
 
 def _geometry(geometry: Any, facts: Any, cfg: Any, counts: dict[str, Any], flops_of: Any,
-              ref_s: float) -> dict[str, Any]:
+              ref_s: float, on_cpu: bool) -> dict[str, Any]:
     if geometry is None:
         return {"enabled": False}
     assert geometry.capture is not None
     tokens = geometry.capture.n_tokens
     widths = facts.module_widths
     cache = geometry.reference_mode == "cache"
-    per_width = {w: _geometry_metric_seconds(tokens, w, cached=cache) for w in set(widths.values())}
+    if on_cpu:  # timed here, at the real shapes
+        per_width = {w: _geometry_metric_seconds(tokens, w, cached=cache) for w in set(widths.values())}
+    else:  # the metrics run on the training machine's host CPU: on paper
+        per_width = {w: geometry_metric_flops(tokens, w) / HOST_FP64_FLOPS for w in set(widths.values())}
     metric_s = sum(per_width[w] for w in widths.values())
     out = {
         "enabled": True, "modules": widths, "tokens": tokens, "probes": geometry.probe_names,
         "reference": geometry.reference_mode,
         "cache_bytes_per_rank": geometry_cache_bytes(widths, tokens, cfg.geometry.cache_dtype) if cache else 0,
         "capture_bytes_per_pass": sum(tokens * w * 4 for w in widths.values()),
-        "metric_seconds_this_cpu": metric_s, "reference_pass_seconds": ref_s,
+        "metric_flops": sum(geometry_metric_flops(tokens, w) for w in widths.values()),
+        "metric_seconds": metric_s, "metric_timing": "timed on this CPU" if on_cpu else
+        f"on paper, host CPU at {HOST_FP64_FLOPS / 1e9:g} GFLOP/s float64", "reference_pass_seconds": ref_s,
         "seconds": metric_s + ref_s,
     }
     if counts["reference"]:

@@ -11,7 +11,8 @@ from typing import Any
 
 from ..config import CadenceConfig
 
-__all__ = ["geometry_cache_bytes", "probe_interval", "rewind_bytes", "spectra_layer_cost", "training_share"]
+__all__ = ["geometry_cache_bytes", "geometry_metric_flops", "probe_interval", "rewind_bytes", "spectra_layer_cost",
+           "training_share"]
 
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
@@ -33,6 +34,14 @@ def spectra_layer_cost(d_out: int, d_in: int, rank: int | None, k: int = 10,
         "dense_pass_flop": float(2 * d_out * d_in * 2 * k * (2 * power_iterations + 2)),
         "cache_bytes": float(4 * n * (d_out + d_in)),
     }
+
+
+def geometry_metric_flops(tokens: int, width: int) -> float:
+    """The geometry metrics of one module on paper: a few ``n × d`` by ``min(n, d)`` products (the
+    cross product, or the thin QRs when tokens are fewer than features; CKA; Gram) and one
+    ``min(n, d)``-square SVD: ``8·n·d·m + 10·m³``, ``m = min(n, d)``, in float64."""
+    m = min(tokens, width)
+    return float(8 * tokens * width * m + 10 * m**3)
 
 
 def geometry_cache_bytes(widths: dict[str, int], tokens: int, cache_dtype: str) -> int:

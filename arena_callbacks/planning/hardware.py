@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-__all__ = ["ACCELERATORS", "EFFICIENCY", "HOST_FLOOR", "Accelerator", "accelerator", "measure_cpu_flops"]
+__all__ = ["ACCELERATORS", "EFFICIENCY", "HOST_FLOOR", "HOST_FP64_FLOPS", "Accelerator", "accelerator",
+           "measure_cpu_flops"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ EFFICIENCY = {"train": 0.40, "probe": 0.30, "spectra": 0.05}
 #: benchmarks/results/gpu_profile_text.txt) and a training step (a LoRA step there: 0.16 s,
 #: benchmarks/results/overhead_cuda.json). A forward costs at least ``layers × floor``.
 HOST_FLOOR = {"forward": 1.3e-3, "train": 5.5e-3}
+
+#: The host CPU's float64 rate assumed for the geometry metrics of a GPU run (they run on the
+#: host): about what this project's 2-core CPU reaches on them (0.3 s for 1024 tokens × 576
+#: features, 4.7 s × 4096; docs/plan.md). A ``cpu`` plan times them instead.
+HOST_FP64_FLOPS = 15e9
 
 CHOICES = (*ACCELERATORS, "cpu")
 

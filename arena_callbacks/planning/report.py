@@ -63,7 +63,7 @@ def plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
     if g["enabled"]:
         rows += [("geometry", f"{len(g['modules'])} modules × {g['tokens']} tokens, reference {g['reference']}; "
                               f"cache {human_bytes(g['cache_bytes_per_rank'])} per rank; metrics "
-                              f"{human_seconds(g['metric_seconds_this_cpu'])} (this CPU), reference pass "
+                              f"{human_seconds(g['metric_seconds'])} ({g['metric_timing']}), reference pass "
                               f"{human_seconds(g['reference_pass_seconds'])}")]
     else:
         rows += [("geometry", "off")]
