@@ -127,6 +127,9 @@ class ProbeSettings(_Frozen):
         progress_bar: Show a progress bar: ``True``, ``False``, or ``None`` for "when a pass
             has more than ``progress_min_batches`` batches".
         progress_min_batches: Threshold for the automatic progress bar.
+        samples: Answers kept per generative probe at each probe step, beside the baseline's
+            (``generations.jsonl``, TensorBoard text): the same rows every time, drawn with
+            ``seed``. ``0``: none.
     """
 
     batch_size: int = Field(default=8, ge=1)
@@ -137,6 +140,7 @@ class ProbeSettings(_Frozen):
     seed: int = 0
     progress_bar: bool | None = None
     progress_min_batches: int = Field(default=20, ge=1)
+    samples: int = Field(default=3, ge=0)
 
 
 class BudgetConfig(_Frozen):

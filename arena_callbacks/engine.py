@@ -44,6 +44,7 @@ from .measurements import TARGET, Snapshot, current_records
 from .probes import ProbeFailure, ProbeResult, ProbeSet
 from .rewind import load_state_file, save_state_file
 from .rewinder import Rewinder, rewind_message, sp_pair
+from .samples import GenerationSamples
 from .schedule import ProbeSchedule, ProbeTiming, overhead_fraction
 from .sinks import HistorySink, LogSink, Sink
 from .sp import operating_point, trajectory
@@ -105,6 +106,7 @@ class ForgettingEngine:
         self.layout: RunLayout | None = None
         self.ctx = DistContext()
         self.rewinder: Rewinder | None = None
+        self.samples: GenerationSamples | None = None
         self.sinks: list[Sink] = []
         self.trainable_parameters: int | None = None
         self.base_model_path: str | None = None
@@ -161,6 +163,8 @@ class ForgettingEngine:
         self.layout = RunLayout(self.output_dir)
         self.history = History(self.layout.history if self.ctx.is_main else None)
         self.history.start_file(fresh=step == 0)  # a resumed run appends to its file, never wipes it
+        self.samples = GenerationSamples(self.measurer.runner, self.layout.generations if self.ctx.is_main else None)
+        self.samples.start(fresh=step == 0)
         self._open_sinks(output_dir, tensorboard_dir, log)
         if any(b.action is Action.REWIND for b in self.config.budgets):
             self.rewinder = Rewinder(self.config, self.ctx, self.layout.rewind_dir)
@@ -242,6 +246,8 @@ class ForgettingEngine:
                 )
         snapshot = Snapshot(step, metrics, epoch, trigger="baseline")
         self._record(snapshot, None)
+        if self.samples is not None:
+            self.samples.after_pass(self.ctx, step, self.sinks, baseline=True)
         if self.ctx.is_main:
             log_advice(self.sample_size_advice(), logger)
         if self.rewinder is not None:
@@ -269,6 +275,8 @@ class ForgettingEngine:
         rewind = self.ctx.any(decision.action is Action.REWIND)
         self.last_decision = decision
         self._record(snapshot, decision)
+        if self.samples is not None:
+            self.samples.after_pass(self.ctx, step, self.sinks)
         if rewind:
             timing.rewinding = True
             return self._rewind(model, step, epoch, decision, snapshot, optimizer, lr_scheduler)
@@ -342,7 +350,9 @@ class ForgettingEngine:
     def _save_probes(self) -> None:
         """The probe rows used, so a finished run can be probed again (``arena-callbacks rewind``)."""
         assert self.layout is not None
-        data = {n: {"kind": p.kind, "signal": p.signal, "rows": p.rows} for n, p in self.measurer.probes.items()}
+        data = {n: {"kind": p.kind, "signal": p.signal, "rows": p.rows,
+                    **({"generation": p.generation.to_json()} if p.generation is not None else {})}
+                for n, p in self.measurer.probes.items()}
         try:
             self.layout.root.mkdir(parents=True, exist_ok=True)
             self.layout.probes.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")

@@ -55,6 +55,11 @@ class RunLayout:
         return self.root / PROBES_FILE
 
     @property
+    def generations(self) -> Path:
+        """A few answers per generative probe and probe step (:mod:`arena_callbacks.samples`)."""
+        return self.root / "generations.jsonl"
+
+    @property
     def rewind_dir(self) -> Path:
         """Kept rewind states with ``rewind.storage`` on disk (``best-rank<r>``, ``theta0-rank<r>``)."""
         return self.root / "rewind"

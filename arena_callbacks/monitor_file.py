@@ -5,7 +5,8 @@ own, ``probes`` (name → source) and ``target`` (a source). A source is one of:
 
 * a path to a JSONL or JSON file of rows (relative paths are resolved against the YAML file's
   folder, not the working directory);
-* ``{path: ..., kind: ..., signal: ...}``: the same with the probe's options;
+* ``{path: ..., kind: ..., signal: ...}``: the same with the probe's options (generative
+  probes also ``scorer``, ``max_new_tokens``, ``stop``: :class:`~arena_callbacks.probes.Probe`);
 * ``{capability: general_text, n: 24, seed: 0}``: a shipped capability set
   (:mod:`arena_callbacks.capabilities`);
 * ``{lm_eval: arc_easy, limit: 64, include_path: tasks/, num_fewshot: 0}``: an lm-eval task
@@ -30,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,7 +50,7 @@ __all__ = ["MonitorFile", "MonitorFileError", "build_from_file", "load_monitor_f
 #: The keys a file adds to the config's own.
 FILE_KEYS = ("probes", "target")
 _SOURCES = ("path", "capability", "lm_eval")
-_OPTIONS = ("kind", "signal")
+_OPTIONS = ("kind", "signal", "scorer", "max_new_tokens", "stop")
 _SOURCE_ARGS = {
     "path": (),
     "capability": ("n", "seed"),
@@ -172,7 +174,7 @@ def _source(path: Path, key: str, spec: Any, tokenizer: Any) -> Probe:
         if source == "capability":
             from .capabilities import build_capability
 
-            return Probe(build_capability(str(spec["capability"]), tokenizer=tokenizer, **args), **options)
+            return with_options(build_capability(str(spec["capability"]), tokenizer=tokenizer, **args), options)
         return _lm_eval(path, key, spec["lm_eval"], args, options)
     except MonitorFileError:
         raise
@@ -190,8 +192,15 @@ def _lm_eval(path: Path, key: str, task: Any, args: dict[str, Any], options: dic
     if len(built) != 1:
         raise MonitorFileError(f"{path}: {key}: lm-eval task {task!r} gave {len(built)} probes ({sorted(built)}); "
                                "name one task per probe")
-    probe = next(iter(built.values()))
-    return Probe(probe.data, kind=options.get("kind", probe.kind), signal=options.get("signal", probe.signal))
+    return with_options(next(iter(built.values())), options)
+
+
+def with_options(data: Any, options: Mapping[str, Any]) -> Probe:
+    """``data`` (rows, or a :class:`Probe` with options of its own) as a :class:`Probe`, the file's
+    ``options`` taking precedence."""
+    if isinstance(data, Probe):
+        return dataclasses.replace(data, **options)
+    return Probe(data, **options)
 
 
 def _resolve(path: Path, key: str, value: Any, must_be: str) -> Path:

@@ -112,10 +112,16 @@ def _load_probes(run: Run) -> dict[str, ProbeSet]:
             "write); rewinding needs the probes the run was measured with"
         )
     data = json.loads(path.read_text(encoding="utf-8"))
-    return {
-        name: ProbeSet.build(name, Probe(d["rows"], kind=d["kind"], signal=d["signal"]), run.config.probe)
-        for name, d in data.items()
-    }
+    probes = {}
+    for name, d in data.items():
+        gen = d.get("generation") or {}
+        if isinstance(gen.get("scorer"), dict) and "callable" in gen["scorer"]:
+            logger.warning("arena-callbacks: probe %r is left out of the post-hoc rewind: its scorer %r was a Python "
+                           "function, which %s does not hold", name, gen["scorer"]["callable"], path)
+            continue
+        probes[name] = ProbeSet.build(name, Probe(d["rows"], kind=d["kind"], signal=d["signal"], **gen),
+                                      run.config.probe)
+    return probes
 
 
 def rewind_run(

@@ -75,6 +75,12 @@ class Generation:
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
 
+    def to_json(self) -> dict[str, Any]:
+        """For ``probes.json``; a callable scorer is saved by name only (``{"callable": name}``)."""
+        scorer = {"callable": getattr(self.scorer, "__qualname__", type(self.scorer).__name__)} \
+            if callable(self.scorer) else self.scorer
+        return {"scorer": scorer, "max_new_tokens": self.max_new_tokens, "stop": list(self.stop)}
+
     @classmethod
     def check(cls, name: str, scorer: Any, max_new_tokens: Any, stop: Any) -> Generation:
         from .scorers import make_scorer

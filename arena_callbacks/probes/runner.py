@@ -58,7 +58,7 @@ class ProbeRunner:
         last_scores: After a scoring pass, the summed log-probability of every sequence this
             rank scored, by ``(probe, row index, choice)`` (choice 0 for text and completion).
         last_generations: After a pass with generative probes, the answer to every row this
-            rank decoded, by ``(probe, row index)``.
+            rank decoded, by ``(probe, row index)``; ``last_row_scores`` its score.
     """
 
     probes: dict[str, ProbeSet]
@@ -66,6 +66,7 @@ class ProbeRunner:
     options: PlanOptions = field(default_factory=PlanOptions, kw_only=True)
     last_scores: dict[tuple[str, int, int], float] = field(default_factory=dict, init=False, repr=False)
     last_generations: dict[tuple[str, int], Generated] = field(default_factory=dict, init=False, repr=False)
+    last_row_scores: dict[tuple[str, int], float] = field(default_factory=dict, init=False, repr=False)
     _tokenizer: Any = field(default=None, init=False, repr=False)
     _seqs: dict[str, list[Seq]] = field(default_factory=dict, init=False, repr=False)
     _pad_id: int = field(default=0, init=False, repr=False)
@@ -165,7 +166,7 @@ class ProbeRunner:
         scores = Scores()
         gen: dict[str, dict[int, GenRow]] = {}
         if generative:
-            self.last_generations = {}
+            self.last_generations, self.last_row_scores = {}, {}
         error = self._forwards(model, ctx, fwd, batches, scores, error, desc=desc, observer=observer,
                                forward_only=forward_only, context=context, gen_batches=gen_batches, gen=gen)
         if observer is not None:
@@ -267,9 +268,10 @@ class ProbeRunner:
             for s, a in zip(batch.seqs, answers):
                 row = probe.rows[s.example]
                 prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else tok.decode(s.ids)
+                value = float(score(prompt, a.text, row))
                 self.last_generations[(batch.probe, s.example)] = a
-                gen.setdefault(batch.probe, {})[s.example] = GenRow(float(score(prompt, a.text, row)), len(a.ids),
-                                                                     a.stopped)
+                self.last_row_scores[(batch.probe, s.example)] = value
+                gen.setdefault(batch.probe, {})[s.example] = GenRow(value, len(a.ids), a.stopped)
         except Exception as e:  # noqa: BLE001 - reported on every rank
             return e
         return None
