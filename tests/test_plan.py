@@ -198,8 +198,9 @@ def test_json_round_trip_and_cli(setup, tmp_path, capsys):
         assert key in plan
 
 
-def test_cpu_plan_times_the_model_itself(setup):
+def test_cpu_plan_times_the_model_itself(setup, monkeypatch):
     """The tiny model (2 layers) is timed whole on this CPU; no assertion on the seconds themselves."""
+    monkeypatch.setattr("arena_callbacks.planning.calibrate.MIN_SECONDS", 0.0)  # the fewest rounds: a quick test
     plan = plan_of(setup, accelerator="cpu", repeats=1)
     assert plan["accelerator"]["timing"]["probe"] == "timed whole, random weights"
     assert plan["probes"]["seconds"] > 0 and plan["training"]["step_seconds"] > 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -166,7 +165,7 @@ def make_plan(inputs: PlanInputs) -> dict[str, Any]:
             if ref_s:
                 ref_s *= probe_fit["seconds"] / probe_s
             probe_s, step_s = probe_fit["seconds"], train_fit["seconds"]
-            how = "timed whole, random weights" if math.isnan(probe_fit["per_layer"]) else "timed on slices"
+            how = "timed whole, random weights" if probe_fit["per_layer"] is None else "timed on slices"
             method = {"probe": how, "train": how, "probe_fit": probe_fit, "train_fit": train_fit}
     if inputs.step_seconds is not None:
         step_s, method["train"] = inputs.step_seconds, "given (--step-seconds)"
@@ -228,7 +227,7 @@ def _tokenizer(inputs: PlanInputs) -> tuple[Any, str]:
 
 
 def _calibrate(config: Any, inputs: PlanInputs, runner: Any, facts: Any,
-               dtype: str) -> tuple[dict[str, float], dict[str, float]] | None:
+               dtype: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """Probe pass and training step timed on this CPU, on the model or its slices (see :mod:`.calibrate`)."""
     from .calibrate import MAX_SLICE_PARAMS, MAX_WHOLE_PARAMS, fit_layers, probe_work, time_on_slices, train_work
 

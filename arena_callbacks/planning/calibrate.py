@@ -14,6 +14,7 @@ weights cost the same.
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 import time
 import warnings
@@ -24,6 +25,8 @@ import torch
 
 __all__ = ["fit_layers", "time_on_slices"]
 
+#: Seconds of timed work below which more rounds are timed.
+MIN_SECONDS = 3.0
 #: Models up to this many parameters are timed whole.
 MAX_WHOLE_PARAMS = 400_000_000
 #: Slices bigger than this (parameters) are not built: the plan falls back to FLOPs.
@@ -53,13 +56,18 @@ def _slice(config: Any, layers: int, lora: tuple[int, tuple[str, ...]] | None, d
 def time_on_slices(config: Any, depths: tuple[int, ...], lora: tuple[int, tuple[str, ...]] | None, dtype: torch.dtype,
                    work: dict[str, Callable[[Any], Any]], repeats: int = 3) -> dict[str, dict[int, float]]:
     """Median seconds of each ``work`` (a function of the model) on each slice depth, the
-    repetitions interleaved across work and depths so the machine's load hits all alike."""
+    repetitions interleaved across work and depths so the machine's load hits all alike; at
+    least ``repeats`` rounds, more (up to 50) while a round is short of :data:`MIN_SECONDS`: a
+    few short timings on a shared machine are mostly its scheduler's noise."""
     models = {d: _slice(config, d, lora, dtype) for d in depths}
-    for m in models.values():  # warm-up (allocations, first-call paths)
+    start = time.perf_counter()
+    for m in models.values():  # warm-up (allocations, first-call paths), timed as one round
         for fn in work.values():
             fn(m)
+    round_s = time.perf_counter() - start
+    rounds = max(repeats, min(50, math.ceil(MIN_SECONDS / max(round_s, 1e-6))))
     times: dict[str, dict[int, list[float]]] = {w: {d: [] for d in depths} for w in work}
-    for rep in range(repeats):
+    for rep in range(rounds):
         order = [(w, d) for w in work for d in depths]
         for w, d in order if rep % 2 == 0 else order[::-1]:
             t = time.perf_counter()
@@ -68,10 +76,11 @@ def time_on_slices(config: Any, depths: tuple[int, ...], lora: tuple[int, tuple[
     return {w: {d: statistics.median(v) for d, v in by_depth.items()} for w, by_depth in times.items()}
 
 
-def fit_layers(by_depth: dict[int, float], layers: int) -> dict[str, float]:
-    """``fixed + layers · per_layer`` through the timed depths (the model itself if it was timed)."""
+def fit_layers(by_depth: dict[int, float], layers: int) -> dict[str, float | None]:
+    """``fixed + layers · per_layer`` through the timed depths (the model itself if it was timed:
+    ``fixed`` and ``per_layer`` are then ``None``)."""
     if layers in by_depth:
-        return {"seconds": by_depth[layers], "fixed": float("nan"), "per_layer": float("nan")}
+        return {"seconds": by_depth[layers], "fixed": None, "per_layer": None}
     lo, hi = min(by_depth), max(by_depth)
     per_layer = max((by_depth[hi] - by_depth[lo]) / (hi - lo), 0.0)
     fixed = max(by_depth[lo] - lo * per_layer, 0.0)
