@@ -454,6 +454,37 @@ def test_fsdp2_rewind_restores_each_rank_shard_in_place(tmp_path):
     assert r0["restored"] == r1["restored"]
 
 
+def test_generative_probes_decode_in_step_on_an_fsdp2_model_and_equal_one_process(tmp_path):
+    port = str(_free_port())
+    commands = [
+        (
+            [sys.executable, str(SCRIPTS / "generate_worker.py"), str(tmp_path)],
+            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(2)
+    ]
+    _run_all(commands, [tmp_path / "log0.txt", tmp_path / "log1.txt"], WORKER_TIMEOUT_S)
+    r0, r1 = _read_ranks(tmp_path)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["results"] == r1["results"]  # all-reduced
+    # Each rank decoded its own rows (row i on rank i % 2), and together they are the one-process answers.
+    assert {k for k in r0["answers"]} == {"short/0", "short/2", "short/4", "long/0", "long/2"}
+    assert {k for k in r1["answers"]} == {"short/1", "short/3", "long/1"}
+    tok = make_tokenizer()
+    runner = C.build_runner(tok, probes=C.generative_probes(), settings={"batch_size": 2, "max_length": 64})
+    want = runner.run(make_model(seed=0, vocab_size=len(tok)))
+    answers = {**r0["answers"], **r1["answers"]}
+    for (probe, row), g in runner.last_generations.items():
+        assert answers[f"{probe}/{row}"] == [list(g.ids), g.text, g.stopped], (probe, row)
+    assert {len(a[0]) for k, a in answers.items() if k.startswith("long")} != {3}  # longer answers than 'short'
+    for name, result in want.items():
+        got = r0["results"][name]
+        for key in ("score", "examples", "gen_length", "stopped"):
+            assert got[key] == pytest.approx(getattr(result, key)), (name, key)
+        if name == "general":
+            assert got["nll"] == pytest.approx(result.nll, rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------
 # DeepSpeed ZeRO-3 (accelerate + integrations/accelerate/deepspeed_zero3.yaml) and ZeRO-2
 # (the Trainer's `deepspeed=` config under torchrun), 2 CPU processes over gloo

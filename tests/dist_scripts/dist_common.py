@@ -68,6 +68,18 @@ TRAIN_MONITOR_REWIND = {
 }
 
 
+def generative_probes() -> dict[str, Any]:
+    """Two generative probes with different answer lengths (3 and 7 tokens) and a text probe: over
+    2 ranks with batch size 2, a rank decodes one probe while the other decodes the other, or
+    nothing, so decode steps with nothing of one's own happen on both sides."""
+    from arena_callbacks import Probe
+
+    short = [{"prompt": t["text"][:20], "answer": "the"} for t in TEXT]  # 5 rows: 3 + 2
+    long = [{"prompt": p["prompt"], "answer": p["completion"].split()[0]} for p in COMP]  # 3 rows: 2 + 1
+    return {"general": TEXT, "short": Probe(short, scorer="contains", max_new_tokens=3),
+            "long": Probe(long, scorer="contains", max_new_tokens=7, stop=["."])}
+
+
 def build_runner(tokenizer: Any, probes: dict[str, Any] | None = None, settings: dict[str, Any] | None = None):
     from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 
