@@ -136,10 +136,10 @@ def _quiet_lm_eval():
 # --------------------------------------------------------------------------------------
 
 
-def test_rows_reproduce_lm_eval_request_strings(probes):
+def test_rows_reproduce_lm_eval_request_strings(probes, task_dir):
     assert sorted(probes) == sorted(TASK_NAMES)
     assert {n: p.kind for n, p in probes.items()} == {
-        "t_mc": "multiple_choice", "t_mc_str": "multiple_choice", "t_ll": "completion", "t_gen": "completion",
+        "t_mc": "multiple_choice", "t_mc_str": "multiple_choice", "t_ll": "completion", "t_gen": "generate",
         "t_text": "text",
     }
     # Multiple choice: lm-eval scores context + target_delimiter (" ") + choice; two shots from train.
@@ -157,10 +157,13 @@ def test_rows_reproduce_lm_eval_request_strings(probes):
     assert probes["t_mc_str"].data[0]["context"] == "the cat"
     # loglikelihood: lm-eval's (context, target) as they are (no delimiter added).
     assert [(r["prompt"], r["completion"]) for r in probes["t_ll"].data] == [(d["q"], " " + d["a"]) for d in LL_TEST]
-    # generate_until: teacher-forced target after target_delimiter.
-    assert [(r["prompt"], r["completion"]) for r in probes["t_gen"].data] == [
-        (d["q"] + " ->", " " + d["a"]) for d in LL_TEST
-    ]
+    # generate_until: the model writes after the context (tests/test_lm_eval_generate.py), or, on
+    # request, the teacher-forced target after target_delimiter.
+    assert [(r["prompt"], r["answer"]) for r in probes["t_gen"].data] == [(d["q"] + " ->", d["a"]) for d in LL_TEST]
+    assert (probes["t_gen"].stop, probes["t_gen"].max_new_tokens) == ((".",), 8)
+    forced = lm_eval_probes("t_gen", include_path=task_dir, generate_until="teacher_forced")["t_gen"]
+    assert forced.kind == "completion"
+    assert [(r["prompt"], r["completion"]) for r in forced.data] == [(d["q"] + " ->", " " + d["a"]) for d in LL_TEST]
     assert [r["text"] for r in probes["t_text"].data] == [d["text"] for d in TEXT_TEST]
     # They are valid probe rows.
     for name, probe in probes.items():
@@ -207,9 +210,10 @@ def test_unsupported_output_types_name_the_task():
 
 def test_shipped_tasks(monkeypatch, tokenizer):
     monkeypatch.chdir(REPO)  # their data_files are relative to the repository root
-    shipped = lm_eval_probes(["arena"], include_path=SHIPPED)  # the tag of all three
+    shipped = lm_eval_probes(["arena"], include_path=SHIPPED)  # the tag of all four
     assert {n: (p.kind, len(p.data)) for n, p in shipped.items()} == {
         "arena_facts": ("multiple_choice", 24), "arena_general": ("text", 16), "arena_arithmetic": ("completion", 24),
+        "arena_arithmetic_gen": ("generate", 24),
     }
     facts = [json.loads(x) for x in (SHIPPED / "arena_facts.jsonl").read_text().splitlines()]
     assert shipped["arena_facts"].data[0] == {

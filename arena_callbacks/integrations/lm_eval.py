@@ -7,7 +7,8 @@ requests once; their strings become the project's probe rows, which the monitor'
 task rebuilding, no bootstrap, no second model).
 
 The rows reproduce the exact (context, continuation) strings that lm-eval scores, so the
-log-likelihoods agree with ``HFLM`` on the same model and tokenizer:
+log-likelihoods agree with ``HFLM`` on the same model and tokenizer, and ``generate_until``
+prompts are the contexts ``HFLM.generate_until`` writes from:
 
 =========================  ==========================================  ============================
 lm-eval ``output_type``    probe row                                   probe kind
@@ -15,8 +16,13 @@ lm-eval ``output_type``    probe row                                   probe kin
 ``multiple_choice``        ``{"context": ctx, "choices": [delim + c],  ``multiple_choice`` (``acc``)
                            "answer": gold}``
 ``loglikelihood``          ``{"prompt": ctx, "completion": cont}``     ``completion``
-``generate_until``         ``{"prompt": ctx, "completion": delim +     ``completion`` (teacher-forced
-                           target}`` (single target only)              exact match, not generation)
+``generate_until``         ``{"prompt": ctx, "answer": target}``       ``generate``: the task's
+                                                                       ``until``, ``max_gen_toks``,
+                                                                       filters and metric
+                                                                       (:mod:`.lm_eval_generate`)
+``generate_until``,        ``{"prompt": ctx, "completion": delim +     ``completion`` (teacher-forced
+``generate_until=          target}`` (single target only)              exact match, not generation)
+"teacher_forced"``
 ``loglikelihood_rolling``  ``{"text": doc}``                           ``text``
 =========================  ==========================================  ============================
 
@@ -36,8 +42,9 @@ from typing import Any, Literal
 
 from ..exceptions import ProbeDataError
 from ..probes import Probe
+from .lm_eval_generate import generate_probe
 
-__all__ = ["LM_EVAL_FEWSHOT_SEED", "lm_eval_probes", "probe_from_task", "rows_from_task"]
+__all__ = ["GENERATE_UNTIL_MODES", "LM_EVAL_FEWSHOT_SEED", "lm_eval_probes", "probe_from_task", "rows_from_task"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,10 @@ _KINDS = {
     "loglikelihood_rolling": "text",
 }
 
+#: How ``generate_until`` tasks become probes: written by the model, or teacher-forced.
+GENERATE_UNTIL_MODES = ("generate", "teacher_forced")
+GenerateUntil = Literal["generate", "teacher_forced"]
+
 PathLike = str | Path
 
 
@@ -64,6 +75,9 @@ def lm_eval_probes(
     num_fewshot: int | None = None,
     signal: Literal["score", "nll"] = "score",
     task_manager: Any = None,
+    generate_until: GenerateUntil = "generate",
+    max_gen_toks: int | None = None,
+    metric: str | None = None,
 ) -> dict[str, Probe]:
     """Build lm-eval tasks once and turn their requests into probes, one per task.
 
@@ -80,6 +94,17 @@ def lm_eval_probes(
         signal: ``retention/<task>`` of scored kinds follows the score (``acc`` / exact match)
             or ``nll`` (``exp(-ΔNLL)``); text probes always follow the NLL.
         task_manager: An ``lm_eval.tasks.TaskManager`` to use instead of building one.
+        generate_until: ``"generate"``: ``generate_until`` tasks are ``generate`` probes, the
+            model writes each answer (greedy, the task's ``until`` and ``max_gen_toks``) and the
+            task's own filters and metric judge it; ``"teacher_forced"``: ``completion`` probes
+            of context + target_delimiter + target (exact match of the teacher-forced target and
+            its NLL; no decoding, so cheaper, but not what lm-eval measures).
+        max_gen_toks: Caps the tasks' ``max_gen_toks`` (lm-eval's default is 256 tokens, and
+            prompt + answer must fit in ``probe.max_length``); answers the cap cuts short may
+            score lower than under lm-eval. ``None`` keeps each task's.
+        metric: For ``generate_until`` tasks, the per-row result scored, as lm-eval names its
+            results: ``"exact_match"`` or ``"exact_match,strict-match"`` (metric, filter
+            pipeline). ``None``: each task's first metric after its first filter pipeline.
 
     Returns:
         ``{task_name: Probe}``, ready for ``ForgettingMonitor(probes=...)``; rows keep their
@@ -96,6 +121,11 @@ def lm_eval_probes(
         raise ValueError(
             "tasks: give lm-eval task names, or include_path=<folder of task YAML files> to take all of them"
         )
+    if generate_until not in GENERATE_UNTIL_MODES:
+        raise ValueError(f"generate_until: expected one of {list(GENERATE_UNTIL_MODES)}, got {generate_until!r}")
+    if max_gen_toks is not None and (isinstance(max_gen_toks, bool) or not isinstance(max_gen_toks, int)
+                                     or max_gen_toks < 1):
+        raise ValueError(f"max_gen_toks: expected a positive integer or None, got {max_gen_toks!r}")
     built = _build_tasks(tasks, include_path, task_manager)
     probes: dict[str, Probe] = {}
     for name, task in built.items():
@@ -103,26 +133,69 @@ def lm_eval_probes(
         probe_name = _probe_name(name)
         if probe_name in probes:
             raise ProbeDataError(f"lm-eval task {name!r}: two tasks map to the probe name {probe_name!r}")
-        probes[probe_name] = probe_from_task(task, limit=limit, signal=signal, name=name)
+        probes[probe_name] = probe_from_task(task, limit=limit, signal=signal, name=name,
+                                             generate_until=generate_until, max_gen_toks=max_gen_toks, metric=metric)
     return probes
 
 
 def probe_from_task(
-    task: Any, *, limit: int | None = None, signal: Literal["score", "nll"] = "score", name: str | None = None
+    task: Any,
+    *,
+    limit: int | None = None,
+    signal: Literal["score", "nll"] = "score",
+    name: str | None = None,
+    generate_until: GenerateUntil = "generate",
+    max_gen_toks: int | None = None,
+    metric: str | None = None,
 ) -> Probe:
-    """One built lm-eval ``Task`` as a :class:`~arena_callbacks.Probe` (see :func:`rows_from_task`)."""
+    """One built lm-eval ``Task`` as a :class:`~arena_callbacks.Probe`: a ``generate`` probe for a
+    ``generate_until`` task unless ``generate_until="teacher_forced"`` (see :func:`lm_eval_probes`),
+    else the rows of :func:`rows_from_task`."""
+    name = name or _task_name(task)
+    if _output_type(task) == "generate_until" and generate_until == "generate":
+        by_doc = _requests(task, name, limit)
+        rows = [{**_generate_prompt_row(task, name, insts), "doc_id": doc_id} for doc_id, insts in by_doc.items()]
+        docs = {doc_id: insts[0].doc for doc_id, insts in by_doc.items()}
+        first = next(iter(by_doc.values()))[0]
+        return generate_probe(task, name, rows, docs, first.args[1] if len(first.args) > 1 else {},
+                              max_gen_toks=max_gen_toks, metric=metric)
     kind, rows = rows_from_task(task, limit=limit, name=name)
     return Probe(rows, kind=kind, signal=signal)  # type: ignore[arg-type]
 
 
 def rows_from_task(task: Any, *, limit: int | None = None, name: str | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """The probe kind and rows of a built lm-eval ``Task``, from lm-eval's own requests.
+    """The probe kind and rows of a built lm-eval ``Task``, from lm-eval's own requests; a
+    ``generate_until`` task gives its teacher-forced ``completion`` rows here (its generative
+    probe comes from :func:`probe_from_task`).
 
     The task's few-shot settings are used as they stand (set ``num_fewshot`` and the few-shot
     seed beforehand, as :func:`lm_eval_probes` does).
     """
     name = name or _task_name(task)
-    output_type = getattr(task, "OUTPUT_TYPE", None) or task.config.output_type
+    output_type = _output_type(task)
+    by_doc = _requests(task, name, limit)
+    convert = {
+        "multiple_choice": _mc_row,
+        "loglikelihood": _loglikelihood_row,
+        "generate_until": _generate_row,
+        "loglikelihood_rolling": _rolling_row,
+    }[output_type]
+    rows = [{**convert(task, name, insts), "doc_id": doc_id} for doc_id, insts in by_doc.items()]
+    return _KINDS[output_type], rows
+
+
+# --------------------------------------------------------------------------------------
+# Requests → rows
+# --------------------------------------------------------------------------------------
+
+
+def _output_type(task: Any) -> str:
+    return getattr(task, "OUTPUT_TYPE", None) or task.config.output_type
+
+
+def _requests(task: Any, name: str, limit: int | None) -> dict[int, list[Any]]:
+    """lm-eval's requests of the task's first ``limit`` documents, by ``doc_id``."""
+    output_type = _output_type(task)
     if output_type not in _KINDS:
         raise ProbeDataError(
             f"lm-eval task {name!r}: output_type {output_type!r} has no probe form; supported: {sorted(_KINDS)}"
@@ -138,19 +211,7 @@ def rows_from_task(task: Any, *, limit: int | None = None, name: str | None = No
         by_doc.setdefault(inst.doc_id, []).append(inst)
     if not by_doc:
         raise ProbeDataError(f"lm-eval task {name!r}: no documents")
-    convert = {
-        "multiple_choice": _mc_row,
-        "loglikelihood": _loglikelihood_row,
-        "generate_until": _generate_row,
-        "loglikelihood_rolling": _rolling_row,
-    }[output_type]
-    rows = [{**convert(task, name, insts), "doc_id": doc_id} for doc_id, insts in by_doc.items()]
-    return _KINDS[output_type], rows
-
-
-# --------------------------------------------------------------------------------------
-# Requests → rows
-# --------------------------------------------------------------------------------------
+    return by_doc
 
 
 def _context(name: str, doc_id: int, ctx: Any) -> str:
@@ -217,6 +278,24 @@ def _generate_row(task: Any, name: str, insts: list[Any]) -> dict[str, Any]:
         raise ProbeDataError(f"lm-eval task {name!r} (generate_until), doc {doc_id}: target {target!r} is not a string")
     # Teacher-forced as lm-eval writes a solved example: context + target_delimiter + target.
     return {"prompt": _context(name, doc_id, inst.args[0]), "completion": f"{task.config.target_delimiter}{target}"}
+
+
+def _generate_prompt_row(task: Any, name: str, insts: list[Any]) -> dict[str, Any]:
+    """A generative row: the context ``HFLM.generate_until`` writes from, and the target for the
+    record (the scorer reads lm-eval's document, not this field)."""
+    inst = insts[0]
+    row: dict[str, Any] = {"prompt": _context(name, inst.doc_id, inst.args[0])}
+    try:
+        target = task.doc_to_target(inst.doc)
+        if isinstance(target, int) and not isinstance(target, bool) and task.config.doc_to_choice is not None:
+            target = task.doc_to_choice(inst.doc)[target]
+    except Exception:  # noqa: BLE001 - a record only; lm-eval's own scoring reads the document
+        return row
+    if isinstance(target, (list, tuple)):
+        row["answer"] = [str(t) for t in target]
+    elif target is not None:
+        row["answer"] = str(target)
+    return row
 
 
 def _rolling_row(task: Any, name: str, insts: list[Any]) -> dict[str, Any]:
