@@ -54,7 +54,7 @@ _OPTIONS = ("kind", "signal", "scorer", "max_new_tokens", "stop")
 _SOURCE_ARGS = {
     "path": (),
     "capability": ("n", "seed"),
-    "lm_eval": ("limit", "include_path", "num_fewshot", "seed"),
+    "lm_eval": ("limit", "include_path", "num_fewshot", "seed", "generate_until", "max_gen_toks", "metric"),
 }
 
 
@@ -172,9 +172,9 @@ def _source(path: Path, key: str, spec: Any, tokenizer: Any) -> Probe:
         if source == "path":
             return Probe(str(_resolve(path, key, spec["path"], must_be="file")), **options)
         if source == "capability":
-            from .capabilities import build_capability
+            from .capabilities import capability_probe  # the rows with the set's own probe options
 
-            return with_options(build_capability(str(spec["capability"]), tokenizer=tokenizer, **args), options)
+            return with_options(capability_probe(str(spec["capability"]), tokenizer=tokenizer, **args), options)
         return _lm_eval(path, key, spec["lm_eval"], args, options)
     except MonitorFileError:
         raise
@@ -188,6 +188,8 @@ def _lm_eval(path: Path, key: str, task: Any, args: dict[str, Any], options: dic
 
     if "include_path" in args:
         args["include_path"] = str(_resolve(path, f"{key}.include_path", args["include_path"], must_be="dir"))
+    if options.get("kind") == "completion":  # a generate_until task, teacher-forced as before
+        args.setdefault("generate_until", "teacher_forced")
     built = lm_eval_probes([str(task)], **args)
     if len(built) != 1:
         raise MonitorFileError(f"{path}: {key}: lm-eval task {task!r} gave {len(built)} probes ({sorted(built)}); "
