@@ -274,3 +274,32 @@ def test_a_stored_plan_is_what_the_tool_makes_now():
     gen = _gen_plan_docs()
     name = "llama-3-8b-8xh100-lora"
     assert gen.make(name) == gen.load(name), "run: python scripts/gen_plan_docs.py (and commit the plans)"
+
+
+def test_generative_probes_are_planned_as_an_upper_bound(setup, tmp_path):
+    """A ``generate`` probe decodes: its prefill and at most ``max_new_tokens - 1`` one-token steps
+    per batch; a real pass (answers may stop early) feeds no more, and the teacher-forced probes
+    are planned as before."""
+    root = setup["root"]
+    (tmp_path / "gen.jsonl").write_text("\n".join(json.dumps({"prompt": f"say {w}:", "answer": w})
+                                                  for w in ["cat", "dog", "bird", "fish", "red"]))
+    monitor = {**setup["config"], "probes": {"general": str(root / "general.jsonl"),
+                                             "gen": {"path": "gen.jsonl", "kind": "generate",
+                                                     "scorer": "exact_match", "max_new_tokens": 5}}}
+    monitor.pop("target")
+    (tmp_path / "monitor.yaml").write_text(yaml.safe_dump(monitor))
+    plan = plan_of(setup, monitor=str(tmp_path / "monitor.yaml"))
+    per_rank = plan["probes"]["per_rank"]
+    assert per_rank["decode_steps"] == 2 * 4  # batch_size 4: two batches of 5 rows, 4 steps after each prefill
+
+    from arena_callbacks.monitor_file import load_monitor_file
+
+    spec = load_monitor_file(tmp_path / "monitor.yaml")
+    sets = {n: ProbeSet.build(n, p, spec.config.probe) for n, p in spec.probes.items()}
+    runner = ProbeRunner(sets, spec.config.probe)
+    runner.prepare(make_tokenizer())
+    model = make_model()
+    seen = count_forwards(model, lambda: runner.run(model))
+    assert seen["forwards"] <= per_rank["forwards"] and seen["positions"] <= per_rank["positions"]
+    general = count_forwards(model, lambda: runner.run(model, only=["general"]))
+    assert per_rank["forwards"] - per_rank["decode_steps"] - 2 == general["forwards"]  # the two prefills apart

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -247,11 +248,10 @@ def _calibrate(config: Any, inputs: PlanInputs, runner: Any, facts: Any,
 def _rank_runner(runner: Any, tokenizer: Any, rank: int, world: int) -> Any:
     """A runner over one rank's rows (every ``world``-th), which it plans as that rank does."""
     from ..probes import ProbeRunner
-    from ..probes.data import ProbeSet
 
     if world == 1:
         return runner
-    sets = {n: ProbeSet(n, p.kind, p.rows[rank::world], p.row_ids[rank::world], p.signal)
+    sets = {n: dataclasses.replace(p, rows=p.rows[rank::world], row_ids=p.row_ids[rank::world])
             for n, p in runner.probes.items() if p.rows[rank::world]}
     sub = ProbeRunner(sets, runner.settings)
     sub.prepare(tokenizer)

@@ -50,6 +50,7 @@ class PassCounts:
     scored: int = 0  # positions whose logits are computed
     attention_pairs: int = 0  # query × key pairs per layer (rows × width × keys)
     largest_forward: int = 0  # positions of the largest forward
+    decode_steps: int = 0  # generative probes: one-token forwards after the prefills, at most
     per_forward: list[tuple[int, int, int]] = field(default_factory=list)  # (positions, scored, attention pairs)
 
     def flops(self, body: int, head: int, layers: int, attention_width: int) -> float:
@@ -115,6 +116,32 @@ def count_batches(batches: list[Batch], fwd: Forwarder, scored: bool = True) -> 
     return c
 
 
+def count_decoding(c: PassCounts, batches: list[Any], n_total: int, runner: ProbeRunner) -> None:
+    """Add generative probes' decoding to ``c``, at most: each batch's prefill (its prompts,
+    left-padded to the longest) and ``max_new_tokens - 1`` one-token steps of every row (answers
+    that stop early cost less); a rank short of batches idles along with one-token forwards."""
+    for b in [*batches, *[None] * (n_total - len(batches))]:
+        if b is None or not b.seqs:
+            steps = max(p.generation.max_new_tokens for p in runner.probes.values() if p.kind == "generate")
+            c.per_forward += [(1, 1, 1)] * steps
+            c.forwards += steps
+            c.positions += steps
+            c.scored += steps
+            c.attention_pairs += steps
+            continue
+        rows, width = len(b.seqs), max(len(s.ids) for s in b.seqs)
+        new = runner.probes[b.probe].generation.max_new_tokens
+        work = [(rows * width, rows, rows * width * width)] + [(rows, rows, rows * (width + t)) for t in range(1, new)]
+        c.per_forward += work
+        c.forwards += len(work)
+        c.positions += sum(w[0] for w in work)
+        c.tokens += sum(len(s.ids) for s in b.seqs) + rows * (new - 1)
+        c.scored += sum(w[1] for w in work)
+        c.attention_pairs += sum(w[2] for w in work)
+        c.largest_forward = max(c.largest_forward, rows * width)
+        c.decode_steps += new - 1
+
+
 def pass_counts(runner: ProbeRunner, model: torch.nn.Module, world_size: int,
                 geometry_probes: list[str] | None, reference_pass: bool) -> dict[str, Any]:
     """Per-rank counts of a probe pass on ``model`` (meta is enough) over ``world_size`` ranks.
@@ -124,11 +151,19 @@ def pass_counts(runner: ProbeRunner, model: torch.nn.Module, world_size: int,
     """
     fwd = Forwarder.for_model(model, 0)
     share, pack = fwd.cache_arg is not None, fwd.mask_format is not None
-    plans = [runner._batches(DistContext(rank=r, world_size=world_size), share=share, pack=pack)
+    forced = [n for n, p in runner.probes.items() if p.kind != "generate"]
+    generative = [n for n, p in runner.probes.items() if p.kind == "generate"]
+    plans = [runner._batches(DistContext(rank=r, world_size=world_size), forced, share=share, pack=pack)
              for r in range(world_size)]
     n_total = max(len(p) for p in plans)
     seqs = {n: runner.sequences(n) for n in runner.probes}
     ranks = [count_batches(pad_plan(p, n_total, seqs), fwd) for p in plans]
+    if generative:
+        decodes = [runner._gen_batches(DistContext(rank=r, world_size=world_size), generative)
+                   for r in range(world_size)]
+        n_gen = max(len(d) for d in decodes)
+        for counts, mine in zip(ranks, decodes):
+            count_decoding(counts, mine, n_gen, runner)
     reference = None
     if reference_pass and geometry_probes:
         refs = [runner._batches(DistContext(rank=r, world_size=world_size), geometry_probes, share=share,
