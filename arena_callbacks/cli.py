@@ -16,7 +16,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="arena-callbacks",
         description="Reports, comparisons and after-the-fact rewinds of saved forgetting-monitor runs; "
-        "a monitor attached to any Trainer-based command without editing it.",
+        "a monitor attached to any Trainer-based command without editing it; a config's cost planned before a run.",
     )
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="plots and report.md for one run")
