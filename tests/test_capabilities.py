@@ -11,10 +11,10 @@ from helpers import make_tokenizer
 
 from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks import capabilities as caps
-from arena_callbacks.capabilities import CAPABILITIES, build_capabilities, build_capability
+from arena_callbacks.capabilities import CAPABILITIES, build_capabilities, build_capability, capability_probe
 from arena_callbacks.models import default_cache_dir
 
-KINDS = ("text", "multiple_choice", "completion")  # the probe kinds of arena_callbacks.probes
+KINDS = ("text", "multiple_choice", "completion", "generate")  # the probe kinds of arena_callbacks.probes
 NAMES = sorted(CAPABILITIES)
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -39,7 +39,9 @@ def _asked(row: dict) -> str:
         return row["text"]
     if "choices" in row:
         return row["context"].rsplit("Question: ", 1)[1]
-    return row["prompt"].rsplit("\n", 1)[-1] if "instruction" not in row else row["prompt"]
+    if "instruction" in row or "answer" in row:  # chat rows (and the generative ones): the whole prompt
+        return row["prompt"]
+    return row["prompt"].rsplit("\n", 1)[-1]
 
 
 # --------------------------------------------------------------------------------------
@@ -52,12 +54,13 @@ def test_rows_are_valid_probe_rows_of_the_declared_kind(name, chat_tokenizer):
     cap = CAPABILITIES[name]
     rows = build_capability(name, tokenizer=chat_tokenizer)
     assert len(rows) == cap.default_size
-    probe = ProbeSet.build(name, rows, ProbeSettings())
+    data = capability_probe(name, tokenizer=chat_tokenizer)  # rows and the set's probe options (generative sets)
+    probe = ProbeSet.build(name, data, ProbeSettings())
     assert probe.kind == cap.kind
     assert len(probe.rows) == min(len(rows), ProbeSettings().max_examples)
     # ...and they tokenise within the default max_length, even with a tiny byte-level tokenizer.
     settings = ProbeSettings(max_examples=None)
-    runner = ProbeRunner({name: ProbeSet.build(name, rows, settings)}, settings)
+    runner = ProbeRunner({name: ProbeSet.build(name, data, settings)}, settings)
     runner.prepare(chat_tokenizer)
     assert len({s.example for s in runner.sequences(name)}) == len(rows)
 
@@ -65,7 +68,7 @@ def test_rows_are_valid_probe_rows_of_the_declared_kind(name, chat_tokenizer):
 def test_build_capabilities_gives_every_set_by_default():
     sets = build_capabilities(n=4, seed=1)
     assert list(sets) == list(CAPABILITIES)
-    assert all(len(rows) == 4 for rows in sets.values())
+    assert all(len(rows.data if CAPABILITIES[n].generative else rows) == 4 for n, rows in sets.items())
     assert sets["arithmetic"] == build_capability("arithmetic", n=4, seed=1)
     assert list(build_capabilities(["world_knowledge", "general_text"], n=2)) == ["world_knowledge", "general_text"]
 
@@ -154,11 +157,12 @@ def test_rows_do_not_depend_on_process_state():
         "import importlib.util, json, sys; "
         f"spec = importlib.util.spec_from_file_location('caps', {caps.__file__!r}); "
         "m = importlib.util.module_from_spec(spec); sys.modules['caps'] = m; spec.loader.exec_module(m); "
-        "print(json.dumps(m.build_capabilities(n=5, seed=3), sort_keys=True))"
+        "print(json.dumps({n: m.build_capability(n, n=5, seed=3) for n in m.CAPABILITIES}, sort_keys=True))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""})
-    assert json.loads(out.stdout) == json.loads(json.dumps(build_capabilities(n=5, seed=3), sort_keys=True))
+    here = {n: build_capability(n, n=5, seed=3) for n in CAPABILITIES}
+    assert json.loads(out.stdout) == json.loads(json.dumps(here, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------
@@ -196,6 +200,10 @@ def test_worked_examples_are_never_asked(chat_tokenizer):
     assert not questions & {q for q, _ in caps.WORLD_KNOWLEDGE_SHOTS}
     demos = {q for q, _ in caps._DEMOS.values()}
     assert not demos & {i for _, i, _ in caps._instruction_pool()}
+    from arena_callbacks.capabilities import formats, word_problems
+
+    for module, pool in ((word_problems, caps._word_problem_pool()), (formats, caps._format_pool())):
+        assert not {q for q, _ in module._DEMOS.values()} & {q for _, q, _ in pool}
 
 
 # --------------------------------------------------------------------------------------
@@ -210,8 +218,11 @@ def test_registry_metadata_is_complete():
         assert cap.kind in KINDS
         assert cap.description and cap.provenance and cap.license
         assert 32 <= cap.default_size <= cap.available()
-    assert CAPABILITIES["instruction_following"].uses_tokenizer
-    assert not any(c.uses_tokenizer for n, c in CAPABILITIES.items() if n != "instruction_following")
+    chat = {"instruction_following", "word_problems", "format_following"}
+    assert all(CAPABILITIES[n].uses_tokenizer for n in chat)
+    assert not any(c.uses_tokenizer for n, c in CAPABILITIES.items() if n not in chat)
+    assert {n for n, c in CAPABILITIES.items() if c.generative} == {n for n, c in CAPABILITIES.items()
+                                                                     if c.kind == "generate"}
 
 
 def test_bad_requests_say_what_would_work():

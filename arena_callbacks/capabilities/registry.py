@@ -10,10 +10,12 @@ from typing import Any
 
 from .arithmetic import _arithmetic_problems, _build_arithmetic
 from .facts import FACTS, _build_world_knowledge
+from .formats import _build_format_following, _format_options, _format_pool
 from .instructions import _build_instruction_following, _instruction_pool
 from .passages import CODE_PROBE_MODULES, _build_general_text, _build_python_code, code_passages, text_passages
+from .word_problems import _build_word_problems, _word_problem_options, _word_problem_pool
 
-__all__ = ["CAPABILITIES", "Capability", "Row", "build_capabilities", "build_capability"]
+__all__ = ["CAPABILITIES", "Capability", "Row", "build_capabilities", "build_capability", "capability_probe"]
 
 Row = dict[str, Any]
 
@@ -24,12 +26,16 @@ class Capability:
 
     Attributes:
         name: Registry key, also a valid probe name.
-        kind: Probe kind of its rows (``text``, ``multiple_choice`` or ``completion``).
+        kind: Probe kind of its rows (``text``, ``multiple_choice``, ``completion`` or ``generate``).
         description: What ability the set stands for.
         provenance: Where the rows come from.
         license: License of the row contents.
         default_size: Rows built when ``n`` is not given.
         uses_tokenizer: The rows depend on the tokenizer (its chat template).
+        probe_options: Generative sets: ``tokenizer -> {kind, scorer, max_new_tokens, stop}``, the
+            :class:`~arena_callbacks.probes.Probe` options its rows are scored with (the stop
+            strings follow the chat template); ``None`` for the teacher-forced sets, whose rows
+            alone say how they are scored.
     """
 
     name: str
@@ -40,6 +46,16 @@ class Capability:
     default_size: int
     builder: Callable[[random.Random, int, Any], list[Row]]
     uses_tokenizer: bool = False
+    probe_options: Callable[[Any], dict[str, Any]] | None = None
+
+    @property
+    def generative(self) -> bool:
+        """The model writes its answers (kind ``generate``): scored only with :meth:`options`."""
+        return self.probe_options is not None
+
+    def options(self, tokenizer: Any = None) -> dict[str, Any]:
+        """The :class:`~arena_callbacks.probes.Probe` options of the set (empty for row-only sets)."""
+        return dict(self.probe_options(tokenizer)) if self.probe_options is not None else {}
 
     def available(self) -> int | None:
         """How many distinct rows the set can give (``None``: effectively unlimited)."""
@@ -53,8 +69,12 @@ def build_capability(name: str, *, n: int | None = None, seed: int = 0, tokenize
         name: A key of :data:`CAPABILITIES`.
         n: Rows to build (default: the set's ``default_size``).
         seed: Chooses the sample and its order; the same seed gives the same rows.
-        tokenizer: Used by ``instruction_following`` for the model's chat template (without
-            one, a plain ``User:``/``Assistant:`` format); ignored by the other sets.
+        tokenizer: Used by ``instruction_following``, ``word_problems`` and ``format_following``
+            for the model's chat template (without one, a plain ``User:``/``Assistant:`` format);
+            ignored by the other sets.
+
+    Generative sets (``word_problems``, ``format_following``) need their probe options to be
+    scored right: use :func:`capability_probe` (or :func:`build_capabilities`) for them.
 
     Raises:
         KeyError: Unknown ``name`` (the message lists the known ones).
@@ -73,15 +93,41 @@ def build_capability(name: str, *, n: int | None = None, seed: int = 0, tokenize
     return cap.builder(rng, n, tokenizer)
 
 
+def capability_probe(
+    name: str, *, n: int | None = None, seed: int = 0, tokenizer: Any = None, **options: Any
+) -> Any:
+    """One built-in set as a :class:`~arena_callbacks.probes.Probe`: its rows with the probe
+    options it is scored with (a generative set's kind, scorer, ``max_new_tokens`` and stop
+    strings); ``options`` (``kind``, ``signal``, ...) override them. What a monitor file's
+    ``{capability: name}`` gives.
+
+    Arguments and errors as :func:`build_capability`.
+    """
+    from ..probes import Probe
+
+    rows = build_capability(name, n=n, seed=seed, tokenizer=tokenizer)
+    return Probe(rows, **{**CAPABILITIES[name].options(tokenizer), **options})
+
+
 def build_capabilities(
     names: Iterable[str] | None = None, *, n: int | None = None, seed: int = 0, tokenizer: Any = None
-) -> dict[str, list[Row]]:
-    """Several built-in sets at once, ``{name: rows}``: all of them when ``names`` is ``None``.
+) -> dict[str, Any]:
+    """Several built-in sets at once: all of them when ``names`` is ``None``.
 
-    The result can be passed as ``ForgettingMonitor(probes=...)``.
+    ``{name: rows}`` for the teacher-forced sets and ``{name: Probe}`` (:func:`capability_probe`)
+    for the generative ones, so that the result can be passed as ``ForgettingMonitor(probes=...)``.
     """
     names = list(CAPABILITIES) if names is None else list(names)
-    return {name: build_capability(name, n=n, seed=seed, tokenizer=tokenizer) for name in names}
+    return {
+        name: capability_probe(name, n=n, seed=seed, tokenizer=tokenizer) if _generative(name)
+        else build_capability(name, n=n, seed=seed, tokenizer=tokenizer)
+        for name in names
+    }
+
+
+def _generative(name: str) -> bool:
+    cap = CAPABILITIES.get(name)
+    return cap is not None and cap.generative
 
 
 _PY = f"Python {sys.version_info.major}.{sys.version_info.minor}"
@@ -141,6 +187,31 @@ CAPABILITIES: dict[str, Capability] = {
             builder=_build_instruction_following,
             uses_tokenizer=True,
         ),
+        Capability(
+            name="word_problems",
+            kind="generate",
+            description="Short arithmetic word problems (add, subtract, multiply, two steps; answers 1-25) after "
+            "one worked example: the model writes its answer, judged on the last number written",
+            provenance="generated by arena-callbacks (capabilities.word_problems), in the tokenizer's chat template",
+            license="Apache-2.0 (this project)",
+            default_size=32,
+            builder=_build_word_problems,
+            uses_tokenizer=True,
+            probe_options=_word_problem_options,
+        ),
+        Capability(
+            name="format_following",
+            kind="generate",
+            description="Everyday questions with a format instruction (word count, capitals, lowercase, a word "
+            "to avoid, a first word, a number only) after one worked example: the written reply checked by rule",
+            provenance="generated by arena-callbacks (capabilities.formats), in the tokenizer's chat template; "
+            "scored by capabilities.follows_format",
+            license="Apache-2.0 (this project)",
+            default_size=32,
+            builder=_build_format_following,
+            uses_tokenizer=True,
+            probe_options=_format_options,
+        ),
     )
 }
 
@@ -150,4 +221,6 @@ _POOL_SIZES: dict[str, Callable[[], int | None]] = {
     "world_knowledge": lambda: len(FACTS),
     "arithmetic": lambda: len(_arithmetic_problems()),
     "instruction_following": lambda: len(_instruction_pool()),
+    "word_problems": lambda: len(_word_problem_pool()),
+    "format_following": lambda: len(_format_pool()),
 }
