@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, machine  # noqa: E402
 
 BENCH = ROOT / "benchmarks"
-SCRIPTS = ("probe_throughput", "geometry_spectra", "spectra_scale", "memory", "scaling", "overhead", "plan_check")
+SCRIPTS = ("probe_throughput", "generate_speed", "geometry_spectra", "spectra_scale", "memory", "scaling", "overhead",
+           "plan_check")
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -136,6 +137,22 @@ def memory_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
                  f"{s['lora_r16_q_v']['state_mb']:.2f} MB ({s['lora_r16_q_v']['auto_storage']}) / "
                  f"{s['full_finetuning']['state_mb']:.0f} MB ({s['full_finetuning']['auto_storage']})",
                  f"auto: memory ≤ {s['max_memory_mb']:.0f} MB", "n/a"))
+    return rows
+
+
+def generate_speed_rows(data: dict[str, Any]) -> list[tuple[str, ...]]:
+    labels = {"arithmetic": "lm-eval generate_until, short answers (arena_arithmetic_gen, prefill-bound)",
+              "continue": "lm-eval generate_until, answers of 1-48 tokens (continuations)"}
+    rows = []
+    for r in data["results"]:
+        same = "equal" if r["answers_equal"] else "DIFFER"
+        answers = f"; answers {same}, {r['answer_tokens_mean']:.1f} tokens mean, {r['answer_tokens_max']} max"
+        rows.append(("generate_speed", f"{labels.get(r['workload'], r['workload'])}: HFLM.generate_until time / "
+                     "generative probe time",
+                     f"{r['speedup']:.2f}x ({r['lm_eval_hflm_s']:.1f} s / {r['probe_s']:.1f} s){answers}",
+                     f"never < 1x, aim ≥ {r['target_speedup']}x",
+                     verdict(r["answers_equal"] and r["never_slower"])
+                     + ("" if r["meets_target"] else f" (under the {r['target_speedup']}x aim)")))
     return rows
 
 
@@ -294,6 +311,8 @@ def report() -> Path:
     rows: list[tuple[str, ...]] = []
     if found["probe_throughput"]:
         rows += throughput_rows(found["probe_throughput"])
+    if found["generate_speed"]:
+        rows += generate_speed_rows(found["generate_speed"])
     if found["geometry_spectra"]:
         rows += geometry_rows(found["geometry_spectra"])
     if found["spectra_scale"]:
