@@ -74,6 +74,7 @@ def test_build_capabilities_gives_generative_sets_as_probes_and_the_others_as_ro
     assert sets["arithmetic"] == build_capability("arithmetic", n=4, seed=1)
     for name in GENERATIVE:
         assert sets[name] == capability_probe(name, n=4, seed=1)
+    assert not set(GENERATIVE) & set(build_capabilities(n=2))  # only by name: they cost the most
 
 
 def test_a_monitor_file_gives_the_set_with_its_scorer(tmp_path, chat_tokenizer):

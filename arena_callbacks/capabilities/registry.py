@@ -112,12 +112,14 @@ def capability_probe(
 def build_capabilities(
     names: Iterable[str] | None = None, *, n: int | None = None, seed: int = 0, tokenizer: Any = None
 ) -> dict[str, Any]:
-    """Several built-in sets at once: all of them when ``names`` is ``None``.
+    """Several built-in sets at once; when ``names`` is ``None``, every teacher-forced set.
 
     ``{name: rows}`` for the teacher-forced sets and ``{name: Probe}`` (:func:`capability_probe`)
     for the generative ones, so that the result can be passed as ``ForgettingMonitor(probes=...)``.
+    The generative sets are given only by name: the model writes every answer token by token, and
+    on a CPU one of them costs several times a pass of all the others (docs/capabilities.md).
     """
-    names = list(CAPABILITIES) if names is None else list(names)
+    names = [n for n, c in CAPABILITIES.items() if not c.generative] if names is None else list(names)
     return {
         name: capability_probe(name, n=n, seed=seed, tokenizer=tokenizer) if _generative(name)
         else build_capability(name, n=n, seed=seed, tokenizer=tokenizer)
