@@ -115,7 +115,7 @@ def test_geometry_reference_pass_counts_equal_a_real_one(setup):
     assert plan["geometry"]["probes"] == ["general"]
 
 
-def test_parameters_and_bytes_equal_a_real_model(setup):
+def test_parameters_and_bytes_equal_a_real_model(setup, tmp_path):
     import peft
 
     from arena_callbacks.capture import GeometryTracker
@@ -142,7 +142,16 @@ def test_parameters_and_bytes_equal_a_real_model(setup):
 
     sharded = plan_of(setup, dtype="fp32", num_accelerators=4, sharding="fsdp")
     assert sharded["rewind"]["bytes_per_state"] == math.ceil(state_bytes(state) / 4)
-    assert "note" in plan_of(setup, sharding="zero3", num_accelerators=2)["rewind"]
+    # ZeRO-3: each rank keeps its fp32 master partition, 4 bytes a parameter over the ranks.
+    zero3 = plan_of(setup, dtype="bf16", sharding="zero3", num_accelerators=2)["rewind"]
+    assert zero3["bytes_per_state"] == math.ceil(4 * sum(t.numel() for t in state.values()) / 2)
+    # The peak is the rule the monitor checks at train start: kept states plus a rewind's working copies.
+    from arena_callbacks.config import RewindConfig
+    from arena_callbacks.resources import rewind_plan
+
+    checked = rewind_plan(zero3["bytes_per_state"], RewindConfig(mode="path", storage="memory"), tmp_path, ranks=1,
+                          memory_available=2**62)
+    assert zero3["peak_bytes_per_rank"] == checked.memory_bytes == 4 * zero3["bytes_per_state"]
 
     lora = plan_of(setup, lora_rank=4, lora_targets=("q_proj", "v_proj"))
     real = peft.get_peft_model(make_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))

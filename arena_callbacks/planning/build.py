@@ -188,7 +188,8 @@ def make_plan(inputs: PlanInputs) -> dict[str, Any]:
     plan["spectra"] = _spectra(facts, cfg, inputs.lora_rank, spectra_rate, DTYPES[dtype_name].itemsize)
     has_rewind = any(b.action is Action.REWIND for b in cfg.budgets)
     plan["rewind"] = {"budget_present": has_rewind, "mode": cfg.rewind.mode, "trainable_bytes": facts.trainable_bytes,
-                      **rewind_bytes(facts.trainable_bytes, cfg.rewind.mode, inputs.sharding, world)}
+                      **rewind_bytes(facts.trainable_bytes, cfg.rewind.mode, inputs.sharding, world,
+                                     facts.trainable)}
     plan["training"] = {"tokens_per_step": inputs.tokens_per_step, "seq_length": inputs.seq_length,
                         "flops_per_step_per_accelerator": train_flops, "step_seconds": step_s}
     pass_s = probe_s + plan["geometry"].get("seconds", 0.0)

@@ -7,6 +7,7 @@ clock, so the plan's interval is the one :class:`~arena_callbacks.schedule.Probe
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from ..config import CadenceConfig
@@ -50,17 +51,26 @@ def geometry_cache_bytes(widths: dict[str, int], tokens: int, cache_dtype: str) 
     return sum(tokens * w for w in widths.values()) * _DTYPE_BYTES[cache_dtype]
 
 
-def rewind_bytes(trainable_bytes: int, mode: str, sharding: str, world_size: int) -> dict[str, Any]:
-    """Kept rewind states per rank: the best in-budget state, plus θ0 for path rewinds; each a
-    copy of the trainable parameters in their dtype, this rank's shard under FSDP (ZeRO-3 refuses
-    in-place rewinds)."""
+def rewind_bytes(trainable_bytes: int, mode: str, sharding: str, world_size: int,
+                 trainable_numel: int | None = None) -> dict[str, Any]:
+    """Kept rewind states per rank: the best in-budget state, plus θ0 for path rewinds; each this
+    rank's part of the trainable parameters (``arena_callbacks/shards.py``): a full copy in their
+    dtype under DDP and ZeRO-2, the shard under FSDP, the fp32 master partition under ZeRO-3
+    (4 bytes per parameter over the ranks). ``peak_bytes_per_rank`` adds the working copies of a
+    rewind, the rule the monitor checks at train start (``arena_callbacks/resources.py``)."""
+    from ..config import RewindConfig
+    from ..resources import rewind_plan
+
     states = 2 if mode in ("path", "layerwise") else 1
-    shard = world_size if sharding == "fsdp" else 1
-    per_state = math.ceil(trainable_bytes / shard)
-    out: dict[str, Any] = {"states": states, "bytes_per_state": per_state, "bytes_per_rank": states * per_state}
-    if sharding == "zero3":
-        out["note"] = "refused under DeepSpeed ZeRO-3 (use stop + `arena-callbacks rewind`, or ZeRO-2/FSDP)"
-    return out
+    if sharding == "zero3":  # fp32 masters; without a count, the parameters' own dtype
+        kept = 4 * trainable_numel if trainable_numel is not None else trainable_bytes
+        per_state = math.ceil(kept / world_size)
+    else:
+        per_state = math.ceil(trainable_bytes / (world_size if sharding == "fsdp" else 1))
+    plan = rewind_plan(per_state, RewindConfig(mode=mode, storage="memory"), Path("."), ranks=1,
+                       memory_available=2**62, disk_available=2**62)
+    return {"states": states, "bytes_per_state": per_state, "bytes_per_rank": states * per_state,
+            "working_copies": plan.working, "peak_bytes_per_rank": plan.memory_bytes}
 
 
 def probe_interval(cadence: CadenceConfig, probe_cost: float, step_seconds: float) -> int | None:

@@ -77,7 +77,8 @@ def plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
     note = f"; {r['note']}" if r.get("note") else ""
     rows += [
         ("rewind states", f"{r['states']} × {human_bytes(r['bytes_per_state'])} = {human_bytes(r['bytes_per_rank'])} "
-                          f"per rank ({r['mode']}{'' if r['budget_present'] else ', no rewind budget in the file'})"
+                          f"per rank, {human_bytes(r['peak_bytes_per_rank'])} at a rewind's peak "
+                          f"({r['mode']}{'' if r['budget_present'] else ', no rewind budget in the file'})"
                           f"{note}"),
         ("training step", f"{t['tokens_per_step']:,} tokens, {human_flops(t['flops_per_step_per_accelerator'])} per "
                           f"accelerator, {human_seconds(t['step_seconds'])} ({timing['train']})"),
