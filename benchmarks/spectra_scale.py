@@ -75,7 +75,8 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
         runner.prepare(tok)
         return runner
 
-    every, one = runner_of(sorted(CAPABILITIES)), runner_of(["general_text"])
+    forced = sorted(n for n, c in CAPABILITIES.items() if not c.generative)  # the teacher-forced sets, as measured
+    every, one = runner_of(forced), runner_of(["general_text"])
     solver = SpectraConfig().solver()
     warm_cache: dict = {}
     weight_spectra(model, names=names, solver=solver, cache=warm_cache)
@@ -91,7 +92,7 @@ def smollm(args: argparse.Namespace) -> dict[str, Any]:
     }, args.repeats, warmup=False)
     fast = timed["fast_warm"]["last"]
     out: dict[str, Any] = {
-        "layers": len(names), "rank": args.rank, "probe_rows": args.rows, "probe_sets": sorted(CAPABILITIES),
+        "layers": len(names), "rank": args.rank, "probe_rows": args.rows, "probe_sets": forced,
         "probe_one_s": timed["probe_one"]["median_s"],
         "cold_over_probe_one": paired_ratio(timed, "fast_cold", "probe_one"),
         "shapes": sorted({tuple(model.get_submodule(f"base_model.model.{n}").base_layer.weight.shape)

@@ -89,17 +89,29 @@ def load_base(args):
         cache = Path(args.cache_dir) if args.cache_dir else REPO / ".cache" / "demo-base-quick"
         model, tok = demo.base_model(demo.QUICK_BASE, cache)
         probes, target, train = demo.build_probes(demo.QUICK_RUN, demo.QUICK_BASE, "kind", args.seed)
-        return model, tok, probes, target, train
+        return model, tok, with_generative(probes, args, tok, max_new_tokens=8), target, train
     from arena_callbacks.capabilities import build_capabilities
     from arena_callbacks.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    probes = build_capabilities(n=args.probe_rows, tokenizer=tok)
+    probes = with_generative(build_capabilities(n=args.probe_rows, tokenizer=tok), args, tok)
     target = snake_case_rows(32, random.Random(1234))
     train = snake_case_rows(2000, random.Random(args.seed), exclude={r["prompt"][23:-8] for r in target})
     return model, tok, probes, target, train
+
+
+def with_generative(probes: dict, args, tok, **options) -> dict:
+    """The capability probes plus ``--generate-rows`` rows of the generative ``format_following``
+    set (answers the model writes, judged by rule). Few rows: on a CPU a generated row costs
+    about as much as a whole row of all five teacher-forced sets (docs/capabilities.md)."""
+    if args.generate_rows <= 0:
+        return probes
+    from arena_callbacks.capabilities import capability_probe
+
+    return {**probes, "format_following": capability_probe("format_following", n=args.generate_rows, tokenizer=tok,
+                                                           **options)}
 
 
 def build_model(method: str, args):
@@ -225,6 +237,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--learning-rate", type=float, default=None, help="one rate for every method (default: per method)")
     ap.add_argument("--probe-rows", type=int, default=24, help="rows per capability probe (default: 24)")
+    ap.add_argument("--generate-rows", type=int, default=8,
+                    help="rows of the generative format_following probe (default: 8; 0: none)")
     ap.add_argument("--config", default=str(HERE / "arena.yaml"), help="monitor config (default: examples/arena.yaml)")
     ap.add_argument("--output-dir", default="runs/arena", help="one folder per method under it (default: runs/arena)")
     ap.add_argument("--cache-dir", default=None, help="--quick: where the tiny base is cached")

@@ -36,6 +36,11 @@ def test_quick_arena_runs_two_methods_and_compares_them(tmp_path, quick_base_dir
     hist = [json.loads(x) for x in (out / "full" / "arena" / "history.jsonl").read_text().splitlines() if x]
     assert hist[-1]["trigger"] == "rewind" and hist[-1]["rewind"]["alpha"] == full["rewinds"][0]["alpha"]
     assert f"REWIND at step {full['rewinds'][0]['at_step']}" in proc.stdout
+    # The generative probe ran at every probe step, and left its samples.
+    assert all("gen/length/format_following" in h["metrics"] and "score/format_following" in h["metrics"]
+               for h in hist)
+    samples = [json.loads(x) for x in (out / "full" / "arena" / "generations.jsonl").read_text().splitlines()]
+    assert samples[0]["baseline"] and len(samples[0]["samples"]) == 3
     md = (out / "compare" / "compare.md").read_text()
     assert "| lora |" in md and "| full |" in md
     assert f"{full['trainable_parameters']:,}" in md
