@@ -17,7 +17,7 @@ def test_quick_arena_runs_two_methods_and_compares_them(tmp_path, quick_base_dir
     env = {k: v for k, v in os.environ.items() if k != "TENSORBOARD_LOGGING_DIR"}
     env["HF_HUB_OFFLINE"] = "1"
     cmd = [sys.executable, str(REPO / "examples" / "arena.py"), "--quick", "--methods", "lora,full",
-           "--max-steps", "10", "--output-dir", str(out), "--cache-dir", str(quick_base_dir)]
+           "--max-steps", "10", "--output-dir", str(out), "--cache-dir", str(quick_base_dir), "--generate-rows", "4"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=880, check=False)
     assert proc.returncode == 0, f"arena failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
 
@@ -50,7 +50,7 @@ def test_quick_arena_runs_two_methods_and_compares_them(tmp_path, quick_base_dir
     # in every number but the clock. Unseeded, each process drew another LoRA init.
     again = tmp_path / "again"
     cmd2 = cmd[:2] + ["--quick", "--methods", "lora", "--max-steps", "5", "--output-dir", str(again),
-                      "--cache-dir", str(quick_base_dir)]
+                      "--cache-dir", str(quick_base_dir), "--generate-rows", "4"]
     proc2 = subprocess.run(cmd2, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc2.returncode == 0, f"second run failed:\n{proc2.stdout[-4000:]}\n{proc2.stderr[-4000:]}"
 

@@ -542,7 +542,8 @@ def zero3_run(tmp_path_factory):
         "--num_processes", "2", "--main_process_port", str(_free_port()),
         str(SCRIPTS / "train_deepspeed.py"), *_train_args(out),
     ]
-    env = {**_ds_env(out), "HF_HOME": str(out / "hf_home")}  # no user default_config.yaml
+    # no user default_config.yaml; then the rewind scenario of zero3_rewind.py in the same processes
+    env = {**_ds_env(out), "HF_HOME": str(out / "hf_home"), "ARENA_TEST_REWIND_DIR": str(out / "rewind")}
     seconds = _run_all([(cmd, env)], [out / "launch.txt"], DS_TIMEOUT_S)
     _assert_no_op_compiled(out / "launch.txt")
     return out, _read_ranks(out), seconds
@@ -632,7 +633,7 @@ def _assert_ds_run(run, stage: int) -> None:
     assert [s["step"] for s in r0["history"]] == list(range(0, DS_MAX_STEPS + 1, 2))
     history = out / "arena" / "history.jsonl"
     assert r0["history_path"] == str(history) and r1["history_path"] is None
-    assert [p for p in out.rglob("history.jsonl") if "rewind_check" not in p.parts] == [history]
+    assert [p for p in out.rglob("history.jsonl") if not {"rewind_check", "rewind"} & set(p.parts)] == [history]
     # ... and those numbers are the single-process ones on the same weights.
     base, final = _ds_reference(out)
     assert any(k.startswith("geometry/procrustes/") for k in final) and any(k.startswith("spectral/") for k in final)
@@ -656,19 +657,10 @@ def test_deepspeed_zero3_rewind_budgets_start_on_every_rank(zero3_run):
 
 
 @pytest.fixture(scope="module")
-def zero3_rewind_run(tmp_path_factory):
-    _require_deepspeed()
-    out = tmp_path_factory.mktemp("zero3_rewind")
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [
-        str(accelerate) if accelerate.exists() else "accelerate", "launch", "--config_file", str(ZERO3_YAML),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
-        str(SCRIPTS / "zero3_rewind.py"), str(out), "--use_cpu", "true",
-    ]
-    env = {**_ds_env(out), "HF_HOME": str(out / "hf_home")}
-    _run_all([(cmd, env)], [out / "launch.txt"], DS_TIMEOUT_S)
-    _assert_no_op_compiled(out / "launch.txt")
-    return out
+def zero3_rewind_run(zero3_run):
+    """``zero3_rewind.py`` (rewind, save, resume, rewind again), run by the ZeRO-3 launch after its
+    training run: one accelerate launch for both."""
+    return zero3_run[0] / "rewind"
 
 
 def _interpolation_f64(theta0: dict, theta1: dict, alpha: float) -> dict:

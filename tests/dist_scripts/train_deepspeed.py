@@ -11,7 +11,9 @@ Run as users do, with either launcher (2 processes, gloo):
 Any ``TrainingArguments`` field is a flag (``HfArgumentParser``). The model is the tiny Llama of
 ``tests/helpers.py`` (seed 0: the same on every rank); rank 0 saves its step-0 weights to
 ``OUT/initial.pt`` and the final weights, gathered whole from the ZeRO-3 partitions, to
-``OUT/final.pt``. Each rank writes ``OUT/rank<r>.json``: its process group, the DeepSpeed engine
+``OUT/final.pt``. With ``ARENA_TEST_REWIND_DIR`` set, the same processes then run
+``zero3_rewind.py``'s rewind, resume and rewind scenario into that folder. Each rank writes
+``OUT/rank<r>.json``: its process group, the DeepSpeed engine
 and ZeRO stage it ran under, whether its parameters were partitioned, the monitor's history and
 decisions, and what happened when a monitor with a ``rewind`` budget was started on the same
 (partitioned) model, and, under ZeRO-1/2, whether a rewind's ``load_state`` reached the
@@ -161,6 +163,11 @@ def main(argv: list[str]) -> None:
         dist.barrier()
     C.dump(os.path.join(args.output_dir, f"rank{rank}.json"), report)
     print(f"rank {rank}/{report['world_size']}: {trainer.state.global_step} steps under {report['engine']}", flush=True)
+    then = os.environ.get("ARENA_TEST_REWIND_DIR")
+    if then:  # the rewind scenario in the same two processes (zero3_rewind.py), saving a launch
+        import zero3_rewind
+
+        zero3_rewind.main(Path(then))
 
 
 if __name__ == "__main__":
