@@ -93,6 +93,19 @@ def _run_all(commands: list[tuple[list[str], dict[str, str]]], logs: list[Path],
     return time.monotonic() - start
 
 
+def _two_ranks(script: str, out: Path) -> None:
+    """Run ``SCRIPTS/script out`` as ranks 0 and 1 of a gloo group (RANK, WORLD_SIZE... set)."""
+    port = str(_free_port())
+    commands = [
+        (
+            [sys.executable, str(SCRIPTS / script), str(out)],
+            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        )
+        for r in range(2)
+    ]
+    _run_all(commands, [out / "log0.txt", out / "log1.txt"], WORKER_TIMEOUT_S)
+
+
 def _read_ranks(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -105,15 +118,7 @@ def _read_ranks(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def probe_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe_workers")
-    port = str(_free_port())
-    commands = [
-        (
-            [sys.executable, str(SCRIPTS / "probe_worker.py"), str(out)],
-            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-        )
-        for r in range(2)
-    ]
-    _run_all(commands, [out / "log0.txt", out / "log1.txt"], WORKER_TIMEOUT_S)
+    _two_ranks("probe_worker.py", out)
     return _read_ranks(out)
 
 
@@ -357,15 +362,7 @@ def test_ddp_baseline_equals_single_process_probes_on_the_same_weights(ddp_run):
 
 
 def test_fsdp_fault_on_one_rank_raises_on_every_rank_without_waiting(tmp_path, single_process):
-    port = str(_free_port())
-    commands = [
-        (
-            [sys.executable, str(SCRIPTS / "fsdp_fault.py"), str(tmp_path)],
-            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-        )
-        for r in range(2)
-    ]
-    _run_all(commands, [tmp_path / "log0.txt", tmp_path / "log1.txt"], WORKER_TIMEOUT_S)
+    _two_ranks("fsdp_fault.py", tmp_path)
     ranks = _read_ranks(tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
     # Sharded probes give the unsharded numbers.
@@ -385,15 +382,7 @@ def test_fsdp_fault_on_one_rank_raises_on_every_rank_without_waiting(tmp_path, s
 
 
 def test_geometry_keys_identical_on_both_ranks_and_equal_to_single_process(tmp_path, single_process):
-    port = str(_free_port())
-    commands = [
-        (
-            [sys.executable, str(SCRIPTS / "geometry_worker.py"), str(tmp_path)],
-            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-        )
-        for r in range(2)
-    ]
-    _run_all(commands, [tmp_path / "log0.txt", tmp_path / "log1.txt"], WORKER_TIMEOUT_S)
+    _two_ranks("geometry_worker.py", tmp_path)
     ranks = _read_ranks(tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2]
     runner = single_process["runner"]
@@ -433,15 +422,7 @@ def test_ddp_rewind_keeps_ranks_in_step(ddp_rewind_run):
 
 
 def test_fsdp2_rewind_restores_each_rank_shard_in_place(tmp_path):
-    port = str(_free_port())
-    commands = [
-        (
-            [sys.executable, str(SCRIPTS / "fsdp_rewind.py"), str(tmp_path)],
-            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-        )
-        for r in range(2)
-    ]
-    _run_all(commands, [tmp_path / "log0.txt", tmp_path / "log1.txt"], WORKER_TIMEOUT_S)
+    _two_ranks("fsdp_rewind.py", tmp_path)
     r0, r1 = _read_ranks(tmp_path)
     assert r0["world_size"] == r1["world_size"] == 2
     # Really sharded: each rank keeps about half of the weights.
@@ -455,15 +436,7 @@ def test_fsdp2_rewind_restores_each_rank_shard_in_place(tmp_path):
 
 
 def test_generative_probes_decode_in_step_on_an_fsdp2_model_and_equal_one_process(tmp_path):
-    port = str(_free_port())
-    commands = [
-        (
-            [sys.executable, str(SCRIPTS / "generate_worker.py"), str(tmp_path)],
-            _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-        )
-        for r in range(2)
-    ]
-    _run_all(commands, [tmp_path / "log0.txt", tmp_path / "log1.txt"], WORKER_TIMEOUT_S)
+    _two_ranks("generate_worker.py", tmp_path)
     r0, r1 = _read_ranks(tmp_path)
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["results"] == r1["results"]  # all-reduced
