@@ -40,7 +40,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -237,8 +237,12 @@ class Slot:
         except OSError:
             shutil.copy2(self.path, path)
 
-    def restore(self, path: Path, step: int) -> None:
-        self.put(load_state_file(path), step)
+    def restore(self, path: Path, step: int, check: Callable[[State], None] | None = None) -> None:
+        """Keep the state saved at ``path``, after ``check`` (which raises on a bad one) if given."""
+        state = load_state_file(path)
+        if check is not None:
+            check(state)
+        self.put(state, step)
 
 
 def next_alpha(alphas: Sequence[float], chosen: float, min_gap: float = 1 / 64) -> float | None:

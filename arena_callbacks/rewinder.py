@@ -267,16 +267,17 @@ class Rewinder:
         rank = self.ctx.rank
         best = data.get("best")
         if self.best is not None and best is not None:
-            self.best.restore(CheckpointFiles(folder).kept("best", rank), int(best["step"]))
-            check_state(self.best.get(), self.shapes, f"resume from {folder}: the kept best state")
+            self.best.restore(CheckpointFiles(folder).kept("best", rank), int(best["step"]),
+                              check=lambda s: check_state(s, self.shapes, f"resume from {folder}: the kept best state"))
             self.best_metrics = {k: float(v) for k, v in best["metrics"].items()}
         if self.theta0 is not None:
             path = CheckpointFiles(folder).kept("theta0", rank)
             if not path.is_file():
                 raise ValueError(f"resume from {folder}: rewind.mode {self.config.rewind.mode!r} needs the step-0 "
                                  f"state {path.name}, which the checkpoint does not hold (was the mode changed?)")
-            self.theta0.restore(path, int(data.get("theta0_step") or 0))
-            check_state(self.theta0.get(), self.shapes, f"resume from {folder}: the kept step-0 state")
+            self.theta0.restore(path, int(data.get("theta0_step") or 0),
+                                check=lambda s: check_state(s, self.shapes,
+                                                            f"resume from {folder}: the kept step-0 state"))
 
 
 def sp_pair(metrics: dict[str, float]) -> dict[str, float | None]:

@@ -74,12 +74,10 @@ def plan_rows(plan: dict[str, Any]) -> list[tuple[str, str]]:
                              f"{human_bytes(s['w0_cache_bytes'])} host memory")]
     else:
         rows += [("spectra", "off")]
-    note = f"; {r['note']}" if r.get("note") else ""
     rows += [
         ("rewind states", f"{r['states']} × {human_bytes(r['bytes_per_state'])} = {human_bytes(r['bytes_per_rank'])} "
                           f"per rank, {human_bytes(r['peak_bytes_per_rank'])} at a rewind's peak "
-                          f"({r['mode']}{'' if r['budget_present'] else ', no rewind budget in the file'})"
-                          f"{note}"),
+                          f"({r['mode']}{'' if r['budget_present'] else ', no rewind budget in the file'})"),
         ("training step", f"{t['tokens_per_step']:,} tokens, {human_flops(t['flops_per_step_per_accelerator'])} per "
                           f"accelerator, {human_seconds(t['step_seconds'])} ({timing['train']})"),
         ("probe step cost", f"{human_seconds(c['probe_step_seconds'])} (baseline "

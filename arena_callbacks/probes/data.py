@@ -77,8 +77,9 @@ class Generation:
 
     def to_json(self) -> dict[str, Any]:
         """For ``probes.json``; a callable scorer is saved by name only (``{"callable": name}``)."""
-        scorer = {"callable": getattr(self.scorer, "__qualname__", type(self.scorer).__name__)} \
-            if callable(self.scorer) else self.scorer
+        from .scorers import scorer_name
+
+        scorer = {"callable": scorer_name(self.scorer)} if callable(self.scorer) else self.scorer
         return {"scorer": scorer, "max_new_tokens": self.max_new_tokens, "stop": list(self.stop)}
 
     @classmethod

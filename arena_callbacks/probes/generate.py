@@ -137,7 +137,7 @@ def decode_batch(
                 _idle_forward(model, pad_id, device)
         except Exception as e:  # noqa: BLE001
             error, rows = e, []
-    if _agree(ctx, False, error is not None)[1]:
+    if failed:  # agreed by the loop's last collective: every error is seen by one before the loop ends
         raise error if error is not None else RuntimeError("generation failed on another rank")
     for i in range(n):
         if result[i] is None:  # ran out of tokens

@@ -23,7 +23,7 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..exceptions import ProbeDataError
@@ -125,8 +125,3 @@ def scorer_name(spec: Any) -> str:
     if isinstance(spec, Mapping):
         return f"regex:{spec.get('regex')}"
     return str(spec)
-
-
-def target_of(row: Mapping[str, Any]) -> Sequence[str]:
-    """The row's acceptable answers (empty when it has none)."""
-    return _targets(row)
