@@ -42,6 +42,23 @@ def make_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+#: A chat template in the style of ChatML, with the tokenizer's own BOS/EOS as turn markers.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def make_chat_tokenizer():
+    """A copy of :func:`make_tokenizer`'s tokenizer with :data:`CHAT_TEMPLATE` (the shared one stays
+    without a template)."""
+    import copy
+
+    tok = copy.deepcopy(make_tokenizer())
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
 def make_model(seed: int = 0, vocab_size: int | None = None, kind: str = "llama"):
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 
 import pytest
-from helpers import make_tokenizer
+from helpers import make_chat_tokenizer, make_tokenizer
 
 from arena_callbacks import ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks import capabilities as caps
@@ -16,17 +15,11 @@ from arena_callbacks.models import default_cache_dir
 
 KINDS = ("text", "multiple_choice", "completion", "generate")  # the probe kinds of arena_callbacks.probes
 NAMES = sorted(CAPABILITIES)
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    tok = copy.deepcopy(make_tokenizer())  # the helper's tokenizer is shared: never mutate it
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return make_chat_tokenizer()
 
 
 def _key(row: dict) -> str:

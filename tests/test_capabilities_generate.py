@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
-from helpers import make_model, make_tokenizer
+from helpers import make_chat_tokenizer, make_model, make_tokenizer
 
 from arena_callbacks import Probe, ProbeRunner, ProbeSet, ProbeSettings
 from arena_callbacks.capabilities import (
@@ -24,17 +23,11 @@ from arena_callbacks.monitor_file import load_monitor_file
 from arena_callbacks.probes.scorers import make_scorer
 
 GENERATIVE = ("word_problems", "format_following")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    tok = copy.deepcopy(make_tokenizer())  # the helper's tokenizer is shared: never mutate it
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return make_chat_tokenizer()
 
 
 def _question(prompt: str) -> str:
